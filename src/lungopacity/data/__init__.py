@@ -1,0 +1,1 @@
+"""Prepared arrays, torch datasets and augmentation."""
