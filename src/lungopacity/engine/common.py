@@ -1,0 +1,140 @@
+"""Pieces every training loop shares: devices, distributed set-up, progress, recipes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What a loop reports to; the CLI passes a tqdm-backed one, the library a silent one."""
+
+    def start(self, description: str, total: int) -> None: ...
+
+    def update(self, n: int = 1, **postfix: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SilentProgress:
+    """Progress that only logs at the end of each bar."""
+
+    def start(self, description: str, total: int) -> None:
+        self.description = description
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> the local CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class DistributedContext:
+    """Who this process is in a (possibly one-process) training job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1).
+
+    gloo on the CPU, NCCL on CUDA. A plain ``python`` run is a one-process context.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    context = DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    log.info("distributed: rank %d of %d", context.rank, context.world_size)
+    return context
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, context: DistributedContext) -> bool:
+    """Rank 0's decision (e.g. early stop) for every rank."""
+    if not context.enabled:
+        return flag
+    tensor = torch.tensor([1 if flag else 0])
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+# ------------------------------------------------------------------------ recipes
+
+RECIPES = ("paper", "finetune")
+
+
+def build_optimizer(
+    recipe: str, parameters: Any, *, lr: float | None, weight_decay: float | None
+) -> torch.optim.Optimizer:
+    """The optimiser of a recipe.
+
+    ``paper``: SGD, momentum 0.9, lr 0.045 (the paper's Xception recipe).
+    ``finetune``: AdamW, lr 1e-3, weight decay 1e-4 — what transfer learning from
+    ImageNet weights wants (see BENCHMARKS.md for the comparison that chose it).
+    """
+    if recipe == "paper":
+        return torch.optim.SGD(parameters, lr=lr or 0.045, momentum=0.9, weight_decay=weight_decay if weight_decay is not None else 4e-5)
+    if recipe == "finetune":
+        return torch.optim.AdamW(parameters, lr=lr or 1e-3, weight_decay=weight_decay if weight_decay is not None else 1e-4)
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def build_scheduler(
+    recipe: str, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule.
+
+    ``paper``: x0.94 every 2 epochs (a step function of the epoch).
+    ``finetune``: one epoch of linear warm-up (at most 10 % of training), then cosine
+    decay to zero.
+    """
+    if recipe == "paper":
+        factor: Callable[[int], float] = lambda step: 0.94 ** ((step // max(steps_per_epoch, 1)) // 2)  # noqa: E731
+    elif recipe == "finetune":
+        total = max(steps_per_epoch * epochs, 1)
+        warmup = max(1, min(steps_per_epoch, total // 10))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

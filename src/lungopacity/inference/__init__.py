@@ -1,0 +1,10 @@
+"""Prediction for people and services: the model bundle, the predictor, Grad-CAM, ONNX.
+
+The web service imports only this package (and ``lungopacity.constants``).
+"""
+
+from lungopacity.inference.schemas import Box, Prediction, Reading
+from lungopacity.io.errors import ImageReadError as InputError
+from lungopacity.io.images import sniff_format
+
+__all__ = ["Box", "InputError", "Prediction", "Reading", "sniff_format"]
