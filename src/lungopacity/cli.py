@@ -44,11 +44,12 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lungopacity.inference.bundle import BundleError
         from lungopacity.io.errors import DataFormatError, ImageReadError
 
         try:
             return func(*args, **kwargs)
-        except (DataFormatError, ImageReadError, FileNotFoundError) as exc:
+        except (DataFormatError, ImageReadError, FileNotFoundError, FileExistsError, BundleError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
 
@@ -72,6 +73,30 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _TqdmProgress:
+    """The engine's Progress protocol as tqdm bars (one per epoch / prediction pass)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, description: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @app.callback()
@@ -137,6 +162,145 @@ def prepare(
         + (f": see {out / 'errors.csv'}" if result.n_failed else "")
         + f") in {result.seconds:.1f} s"
     )
+
+
+@app.command("train-classifier")
+@user_errors
+def train_classifier_command(
+    cache: Path = typer.Argument(..., help="Prepared cache folder (from `lungopacity prepare`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (or to continue with --resume)."),
+    backbone: str = typer.Option("legacy_xception", "--backbone", help="Any timm model name (paper: legacy_xception)."),
+    pretrained: str = typer.Option(
+        "none", "--pretrained", help="none | timm (hub, online) | efficientnet-lite0 (offline ImageNet) | PATH to weights."
+    ),
+    size: Optional[int] = typer.Option(None, "--size", help="Network input size (default: the cache's size)."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    recipe: str = typer.Option("finetune", "--recipe", help="paper (SGD 0.045, x0.94 / 2 epochs) | finetune (AdamW + cosine)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override the recipe's learning rate."),
+    folds: int = typer.Option(1, "--folds", min=1, help="1: the cache's train/val split; K >= 2: K-fold with out-of-fold predictions."),
+    seed: int = typer.Option(0, "--seed"),
+    balance: str = typer.Option("none", "--balance", help="Class balance: none | loss | sampler."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Scale/shift/rotation, brightness/contrast/gamma."),
+    hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (off by default: anatomy is not symmetric)."),
+    patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without a better validation AUC."),
+    grad_clip: float = typer.Option(5.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Bound each epoch (smoke runs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
+) -> None:
+    """Train the 3-class classifier (Normal / Not Normal / Lung Opacity) on a prepared cache.
+
+    Writes OUT/config.json, OUT/metrics.jsonl, atomic checkpoints per fold
+    (last.pt every epoch, best.pt by validation opacity AUC) and, with --folds K,
+    OUT/oof.csv with out-of-fold probabilities for every patient. Run it under
+    `torchrun --nproc_per_node N` for distributed data-parallel training.
+    """
+    from lungopacity.engine.classifier import ClassifierTrainConfig, train_classifier
+
+    config = ClassifierTrainConfig(
+        backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, recipe=recipe,
+        lr=lr, folds=folds, seed=seed, balance=balance, augment=augment, hflip=hflip, patience=patience,
+        grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+    )
+    result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
+    m = result.metrics
+    typer.echo(
+        f"classifier run {out}: validation opacity AUC {m['opacity_auc']:.4f}, abnormal AUC {m['abnormal_auc']:.4f}, "
+        f"accuracy {m['accuracy']:.3f} over {m['n']} patients"
+        + (f"; out-of-fold table {result.oof_path}" if result.oof_path else "")
+    )
+
+
+@app.command("bundle")
+@user_errors
+def bundle_command(
+    classifier: Path = typer.Option(..., "--classifier", help="Classifier run folder (train-classifier --out)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced if present)."),
+    fusion: Optional[Path] = typer.Option(None, "--fusion", help="Fusion folder (train-fusion --out)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector run folder (train-detector --out)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="The classifier's cache (default: as recorded in the run)."),
+    sensitivity: Optional[float] = typer.Option(
+        None, "--sensitivity", help="Operating threshold for this sensitivity (default: Youden's J)."
+    ),
+) -> None:
+    """Assemble one model bundle: weights (safetensors) and one JSON config with the model card.
+
+    Fits the calibration temperature on the classifier's held-out predictions (with a
+    reliability diagram, OUT/calibration.png) and chooses the operating threshold.
+    """
+    from lungopacity.inference.bundle import build_bundle
+
+    path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector, cache_dir=cache,
+                        target_sensitivity=sensitivity)
+    typer.echo(f"bundle written to {path}")
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    inputs: list[str] = typer.Argument(..., help="Files, folders or glob patterns of DICOM, PNG or JPEG images."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv/json, submission.csv, overlays."),
+    metadata_csv: Optional[Path] = typer.Option(None, "--metadata-csv", help="id,sex,age,view for non-DICOM inputs."),
+    sex: Optional[str] = typer.Option(None, "--sex", help="M or F, for every input without it."),
+    age: Optional[float] = typer.Option(None, "--age", help="Age in years, for every input without it."),
+    view: Optional[str] = typer.Option(None, "--view", help="AP or PA, for every input without it."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (after `lungopacity export-onnx`)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
+) -> None:
+    """Read X-rays with a bundle: class probabilities, fused P(opacity), decision and boxes.
+
+    A file that cannot be read goes to OUT/errors.csv with the reason; the batch goes on.
+    """
+    from lungopacity.inference.batch import predict_to_folder
+    from lungopacity.inference.predictor import Predictor
+
+    predictor = Predictor.from_bundle(bundle, device=device, runtime=runtime)
+    bar = _Progress("predict")
+    try:
+        result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=sex, age=age, view=view,
+                                   batch_size=batch_size, with_images=images, progress=bar)
+    finally:
+        bar.close()
+    typer.echo(
+        f"{result.n_predicted} images read ({result.n_positive} with opacity), {result.n_errors} errors; "
+        f"results in {out}/predictions.csv" + (f", errors in {out}/errors.csv" if result.n_errors else "")
+    )
+
+
+@app.command("export-onnx")
+@user_errors
+def export_onnx_command(bundle: Path = typer.Argument(..., help="Model bundle folder.")) -> None:
+    """Export the bundle's classifier and RetinaNet detector as ONNX into BUNDLE/onnx/.
+
+    Then `lungopacity predict --runtime onnx` runs them with ONNX Runtime.
+    """
+    from lungopacity.inference.onnx import export_onnx
+
+    written = export_onnx(bundle)
+    for name, path in written.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command("serve")
+def serve_command(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Largest accepted upload."),
+    concurrency: int = typer.Option(2, "--concurrency", help="Inferences run at once."),
+    queue: int = typer.Option(8, "--queue", help="Requests that may wait; more get 503."),
+) -> None:
+    """Serve the web page and HTTP API for reading one chest X-ray at a time."""
+    from lungopacity.service.app import serve
+
+    typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /openapi.json)")
+    serve(bundle, host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20),
+          max_concurrent=concurrency, max_queue=queue)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,356 @@
+"""The predictor: a bundle loaded once, radiographs in, readings out.
+
+For each image: read it (one pixel convention, :func:`lungopacity.io.read_image`), resize
+as the training cache did, run the classifier ensemble (logits averaged, divided by the
+calibration temperature), fuse the class probabilities with sex / age / view (the
+fusion network and its missing-data rule), compare with the operating threshold, and
+find the opacity boxes with the detector (scores gated by P(opacity), post-processed
+as tuned on validation). Boxes come back in original pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungopacity.constants import CLASS_KEYS, LUNG_OPACITY
+from lungopacity.data.cache import resize_to_uint8
+from lungopacity.inference.bundle import (
+    BundleError,
+    load_classifiers,
+    load_detector,
+    load_fusion_part,
+    read_manifest,
+)
+from lungopacity.inference.schemas import Box, Prediction, Reading
+from lungopacity.io.dicom import parse_age, parse_sex, parse_view
+from lungopacity.io.errors import ImageReadError
+from lungopacity.io.images import DEFAULT_MAX_PIXELS, read_image
+
+log = logging.getLogger(__name__)
+
+METADATA_FIELDS = ("sex", "age", "view")
+
+
+@dataclass
+class ImageInput:
+    """One decoded image waiting for prediction."""
+
+    id: str
+    pixels: np.ndarray  # float32 [0, 1], original resolution
+    header: dict[str, Any]
+    read_seconds: float = 0.0
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def resolve_metadata(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """sex / age / view from the header, replaced by any override that is given."""
+    meta = {k: header.get(k) for k in METADATA_FIELDS}
+    for key, value in (overrides or {}).items():
+        if key not in METADATA_FIELDS or value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        meta[key] = {"sex": parse_sex, "age": parse_age, "view": parse_view}[key](value)
+    return meta
+
+
+class Predictor:
+    """Everything needed to read radiographs, loaded from a bundle without training code paths."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], device: torch.device, max_pixels: int) -> None:
+        self.path, self.manifest, self.device, self.max_pixels = path, manifest, device, max_pixels
+        classifier = manifest["classifier"]
+        self.classifiers = load_classifiers(path, manifest, device)
+        self.temperature = float(classifier["temperature"])
+        self.input_size = int(classifier["input_size"])
+        self.fusion = load_fusion_part(path, manifest)
+        self.detector = load_detector(path, manifest, device)
+        detector = manifest.get("detector") or {}
+        self.detector_input_size = int(detector.get("input_size", 0))
+        self.postprocess = detector.get("postprocess") or {}
+        self.threshold = float(manifest["threshold"]["value"])
+        self.onnx = None
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        runtime: str = "torch",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Predictor:
+        """Load a bundle folder (see :mod:`lungopacity.inference.bundle`).
+
+        Args:
+            path: the bundle folder.
+            device: 'cpu', 'cuda', ...
+            runtime: 'torch' or 'onnx' (ONNX Runtime on the models exported by
+                ``lungopacity export-onnx``).
+            max_pixels: refuse larger images (decompression bombs).
+
+        Raises:
+            BundleError: incompatible version, a missing or damaged part.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        predictor = cls(path, manifest, torch.device(device), max_pixels)
+        if runtime == "onnx":
+            from lungopacity.inference.onnx import OnnxModels
+
+            predictor.onnx = OnnxModels.from_bundle(path)
+        elif runtime != "torch":
+            raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+        log.info("loaded bundle %s (%s)", path, predictor.version)
+        return predictor
+
+    @property
+    def version(self) -> str:
+        return f"lungopacity {self.manifest['lungopacity_version']} bundle {self.manifest['created']}"
+
+    @property
+    def model_card(self) -> dict[str, Any]:
+        return self.manifest.get("model_card", {})
+
+    # ----------------------------------------------------------------- inputs
+
+    def load(self, source: str | Path | bytes, name: str | None = None) -> ImageInput:
+        """Read one file (or its bytes) into an :class:`ImageInput`; raises ImageReadError."""
+        start = time.perf_counter()
+        pixels, header = read_image(source, name=name, max_pixels=self.max_pixels)
+        if name is None:
+            name = Path(str(source)).name
+        image_id = Path(name).stem if name else "image"
+        return ImageInput(image_id, pixels, header, time.perf_counter() - start)
+
+    def _network_input(self, images: Sequence[ImageInput], size: int) -> torch.Tensor:
+        batch = np.stack([resize_to_uint8(img.pixels, size) for img in images])
+        return torch.from_numpy(batch).float().div_(255.0)[:, None].to(self.device)
+
+    # -------------------------------------------------------------- prediction
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities (B, 3) for network inputs in [0, 1]."""
+        if self.onnx is not None:
+            logits = self.onnx.classifier_logits(x.cpu().numpy())
+        else:
+            logits = torch.stack([m(x).float() for m in self.classifiers]).mean(0).cpu().numpy()
+        return _softmax(logits.astype(np.float64), self.temperature)
+
+    @torch.no_grad()
+    def detect(self, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Raw detector boxes (network pixels, xyxy) and scores per image."""
+        if self.onnx is not None and self.onnx.has_detector:
+            return self.onnx.detect(x.cpu().numpy())
+        outputs = self.detector([img for img in x])  # type: ignore[misc]
+        return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy()) for o in outputs]
+
+    def predict_images(
+        self, images: Sequence[ImageInput], overrides: Sequence[dict[str, Any] | None] | None = None
+    ) -> list[Prediction]:
+        """Predictions for a batch of decoded images (metadata overrides per image)."""
+        if not images:
+            return []
+        overrides = overrides or [None] * len(images)
+        t0 = time.perf_counter()
+        probs = self.classify(self._network_input(images, self.input_size))
+        t1 = time.perf_counter()
+        metadata = [resolve_metadata(img.header, o) for img, o in zip(images, overrides)]
+        if self.fusion is not None:
+            rows = [{**meta, **{f"p_{k}": float(p[i]) for i, k in enumerate(CLASS_KEYS)}} for meta, p in zip(metadata, probs)]
+            fused = self.fusion.predict(rows)
+            opacity = np.asarray(fused.probability, dtype=np.float64).reshape(-1)
+            missing = [fused.missing_fields(i) for i in range(len(images))]
+        else:
+            opacity = probs[:, LUNG_OPACITY]
+            missing = [[k for k in METADATA_FIELDS if meta[k] is None] for meta in metadata]
+        t2 = time.perf_counter()
+        boxes_per_image: list[list[Box]] = [[] for _ in images]
+        if self.detector is not None or (self.onnx is not None and self.onnx.has_detector):
+            raw = self.detect(self._network_input(images, self.detector_input_size))
+            for i, (img, (boxes, scores)) in enumerate(zip(images, raw)):
+                boxes_per_image[i] = self._final_boxes(img, boxes, scores, float(opacity[i]))
+        t3 = time.perf_counter()
+        predictions = []
+        n = len(images)
+        for i, img in enumerate(images):
+            decision = bool(opacity[i] >= self.threshold)
+            rows, cols = img.pixels.shape
+            predictions.append(
+                Prediction(
+                    id=img.id,
+                    probabilities={k: float(probs[i, j]) for j, k in enumerate(CLASS_KEYS)},
+                    opacity_probability=float(opacity[i]),
+                    decision=decision,
+                    threshold=self.threshold,
+                    boxes=boxes_per_image[i] if decision else [],
+                    metadata=metadata[i],
+                    missing=missing[i],
+                    image_size=(int(img.header.get("rows") or rows), int(img.header.get("cols") or cols)),
+                    timings={
+                        "read": round(img.read_seconds, 4),
+                        "classify": round((t1 - t0) / n, 4),
+                        "fuse": round((t2 - t1) / n, 4),
+                        "detect": round((t3 - t2) / n, 4),
+                    },
+                    model_version=self.version,
+                )
+            )
+        return predictions
+
+    def _final_boxes(self, img: ImageInput, boxes: np.ndarray, scores: np.ndarray, p_opacity: float) -> list[Box]:
+        from lungopacity.engine.postprocess import PostprocessConfig, apply_postprocess
+
+        rows = int(img.header.get("rows") or img.pixels.shape[0])
+        cols = int(img.header.get("cols") or img.pixels.shape[1])
+        scale = np.array([cols, rows, cols, rows], dtype=np.float32) / float(self.detector_input_size)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
+        config = PostprocessConfig.from_dict(self.postprocess) if self.postprocess else PostprocessConfig()
+        boxes, scores = apply_postprocess(boxes, np.asarray(scores, dtype=np.float32), p_opacity, config)
+        return [Box(*(round(float(v), 1) for v in b), score=round(float(s), 4)) for b, s in zip(boxes, scores)]
+
+    # ------------------------------------------------------------- pictures
+
+    def heatmaps(self, images: Sequence[ImageInput]) -> list[np.ndarray]:
+        """Grad-CAM maps of the Lung Opacity class, at each image's original size."""
+        from lungopacity.inference.gradcam import grad_cam
+
+        x = self._network_input(images, self.input_size)
+        maps = grad_cam(self.classifiers, x)
+        out = []
+        for img, cam in zip(images, maps):
+            rows, cols = img.pixels.shape
+            out.append(_resize_float(cam, rows, cols))
+        return out
+
+    def pictures(self, image: ImageInput, prediction: Prediction, heatmap: np.ndarray | None) -> tuple[bytes, bytes | None]:
+        """The overlay PNG (boxes and scores over the image) and the heatmap PNG."""
+        from lungopacity.reports.overlays import heatmap_overlay, overlay_png
+
+        display = _display_pixels(image.pixels)
+        sy = display.shape[0] / image.pixels.shape[0]
+        sx = display.shape[1] / image.pixels.shape[1]
+        boxes = np.array([[b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy] for b in prediction.boxes], dtype=np.float32).reshape(-1, 4)
+        scores = np.array([b.score for b in prediction.boxes], dtype=np.float32)
+        overlay = overlay_png(display, None, boxes, scores)
+        heat_png = None
+        if heatmap is not None:
+            heat = heatmap_overlay(display, _resize_float(heatmap, *display.shape))
+            heat_png = _png_bytes(heat)
+        return overlay, heat_png
+
+    def read(
+        self,
+        data: bytes,
+        name: str,
+        *,
+        sex: str | None = None,
+        age: float | None = None,
+        view: str | None = None,
+        with_images: bool = True,
+    ) -> Reading:
+        """One upload in, one reading out (what the web service calls).
+
+        Raises:
+            ImageReadError: the content is not a readable radiograph.
+        """
+        start = time.perf_counter()
+        image = self.load(data, name=name)
+        (prediction,) = self.predict_images([image], [{"sex": sex, "age": age, "view": view}])
+        overlay = heat = None
+        if with_images:
+            t = time.perf_counter()
+            (heatmap,) = self.heatmaps([image])
+            overlay, heat = self.pictures(image, prediction, heatmap)
+            prediction.timings["pictures"] = round(time.perf_counter() - t, 4)
+        prediction.timings["total"] = round(time.perf_counter() - start, 4)
+        return Reading(prediction, overlay, heat)
+
+    def predict_paths(
+        self,
+        paths: Iterable[Path],
+        *,
+        metadata: dict[str, dict[str, Any]] | None = None,
+        batch_size: int = 16,
+        with_images: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[Reading], list[tuple[str, str]]]:
+        """Predict many files in batches; unreadable files become (path, reason) errors.
+
+        Args:
+            paths: image files.
+            metadata: per image id (file stem), sex / age / view overrides.
+            batch_size: images per forward pass.
+            with_images: also make the overlay and heatmap PNGs.
+            progress: ``progress(done, total)``.
+        """
+        paths = list(paths)
+        readings: list[Reading] = []
+        errors: list[tuple[str, str]] = []
+        done = 0
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images = []
+            for path in chunk:
+                try:
+                    images.append(self.load(path, name=str(path)))
+                except ImageReadError as exc:
+                    errors.append((str(path), exc.cause))
+                    log.warning("%s", exc)
+            overrides = [(metadata or {}).get(img.id) for img in images]
+            predictions = self.predict_images(images, overrides)
+            heatmaps = self.heatmaps(images) if (with_images and images) else [None] * len(images)
+            for img, prediction, heatmap in zip(images, predictions, heatmaps):
+                overlay = heat = None
+                if with_images:
+                    overlay, heat = self.pictures(img, prediction, heatmap)
+                readings.append(Reading(prediction, overlay, heat))
+            done += len(chunk)
+            if progress:
+                progress(done, len(paths))
+        return readings, errors
+
+
+def _resize_float(array: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    from PIL import Image
+
+    if array.shape == (rows, cols):
+        return array.astype(np.float32)
+    img = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _display_pixels(pixels: np.ndarray, longest: int = 1024) -> np.ndarray:
+    """The image at most ``longest`` pixels on its long side (pictures for people, not models)."""
+    rows, cols = pixels.shape
+    scale = min(1.0, longest / max(rows, cols))
+    if scale >= 1.0:
+        return pixels
+    return _resize_float(pixels, max(1, round(rows * scale)), max(1, round(cols * scale)))
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    if image.dtype != np.uint8:
+        image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+__all__ = ["BundleError", "ImageInput", "Predictor", "resolve_metadata"]
