@@ -1,7 +1,7 @@
 """Grad-CAM of the Lung Opacity class: where in the image the classifier looked.
 
-Selvaraju et al. (2017): the class score's gradient with respect to the last conv
-feature map, averaged over space, weights the feature channels; the ReLU of the weighted
+Selvaraju et al. (2017): the class score's gradient with respect to the final
+feature map (the backbone's ``forward_features``), averaged over space, weights the feature channels; the ReLU of the weighted
 sum is the map. With an ensemble, the maps of the members are averaged.
 """
 
@@ -26,7 +26,7 @@ def grad_cam(
     """Grad-CAM maps in [0, 1] for a batch.
 
     Args:
-        models: classifiers with ``gradcam_target_layer()`` (an ensemble is averaged).
+        models: classifiers with ``forward_features``/``forward_head`` (an ensemble is averaged).
         x: ``(B, 1, H, W)`` float input in [0, 1], as the models take it.
         class_index: the class whose evidence is shown (default Lung Opacity).
         output_size: (rows, cols) of the returned maps; default the input's size.
@@ -38,18 +38,13 @@ def grad_cam(
     output_size = output_size or (x.shape[-2], x.shape[-1])
     total = torch.zeros(x.shape[0], 1, *output_size)
     for model in models:
-        activations: list[torch.Tensor] = []
-        layer = model.gradcam_target_layer()  # type: ignore[operator]
-        handle = layer.register_forward_hook(lambda _m, _i, out: activations.append(out))
-        try:
-            with torch.enable_grad():
-                inputs = x.detach().clone().requires_grad_(True)
-                logits = model(inputs)
-                feature_map = activations[-1]
-                score = logits[:, class_index].sum()
-                (grads,) = torch.autograd.grad(score, feature_map)
-        finally:
-            handle.remove()
+        # The final feature map is taken from forward_features and fed to forward_head, not
+        # caught with a forward hook: hooks live on the shared module, so two requests
+        # served at once would catch each other's activations.
+        with torch.enable_grad():
+            feature_map = model.forward_features(x.detach()).detach().requires_grad_(True)  # type: ignore[operator]
+            logits = model.forward_head(feature_map)  # type: ignore[operator]
+            (grads,) = torch.autograd.grad(logits[:, class_index].sum(), feature_map)
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * feature_map).sum(dim=1, keepdim=True)).detach()
         cam = F.interpolate(cam.float().cpu(), size=output_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,194 @@
+"""Load-test the web service on the loopback interface: latency percentiles and throughput.
+
+Run: ``.venv/bin/python benchmarks/bench_service_load.py --bundle MODEL [--image FILE]``
+or, as a smoke run without a model, ``... --fake``.
+
+The service runs in a separate process (uvicorn on 127.0.0.1, a free port) so that the
+client's threads do not compete with it for the interpreter lock. This process sends
+``--requests`` uploads (default 200) from ``--concurrency`` threads (default 8) and stops
+early at ``--time-limit`` seconds. It reports the answers by status, p50/p95/max latency
+and requests per second, and the server's own mean queue wait and handling time.
+
+``--fake`` serves the deterministic ``FakePredictor`` of tests/test_service.py, slowed by
+``--fake-seconds`` per reading to stand in for a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_radiograph(size: int = 1024, seed: int = 0) -> bytes:
+    """An RSNA-sized grey PNG with smooth structure and noise (about 1 MB)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    lungs = np.exp(-(((xs - 0.32) / 0.15) ** 2 + ((ys - 0.5) / 0.3) ** 2)) + np.exp(
+        -(((xs - 0.68) / 0.15) ** 2 + ((ys - 0.5) / 0.3) ** 2)
+    )
+    pixels = 0.75 - 0.45 * lungs + rng.normal(0, 0.03, size=(size, size))
+    buffer = io.BytesIO()
+    Image.fromarray(np.uint8(np.clip(pixels, 0, 1) * 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _serve_child(options: dict[str, Any], port_out: Any) -> None:
+    """Child process: build the app, bind 127.0.0.1:0, report the port, serve until killed."""
+    import logging
+
+    import uvicorn
+
+    from lungopacity.service import create_app
+
+    logging.basicConfig(level=logging.WARNING)
+    if options["fake"]:
+        sys.path.insert(0, str(REPO / "tests"))
+        from test_service import FakePredictor
+
+        class TimedFake(FakePredictor):
+            def read(self, *args: Any, **kwargs: Any) -> Any:
+                time.sleep(options["fake_seconds"])
+                return super().read(*args, **kwargs)
+
+        source: Any = TimedFake()
+    else:
+        source = options["bundle"]
+    app = create_app(
+        source,
+        device=options["device"],
+        max_concurrent=options["max_concurrent"],
+        max_queue=options["max_queue"],
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port_out.send(sock.getsockname()[1])
+    port_out.close()
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+def wait_ready(client: Any, url: str, timeout: float) -> str:
+    """Poll /readyz until the model is loaded; return its version."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            response = client.get(url + "/readyz", timeout=5)
+            if response.status_code == 200:
+                return response.json()["model_version"]
+            last = response.text
+        except Exception as exc:  # noqa: BLE001 - the server may still be starting
+            last = repr(exc)
+        time.sleep(0.2)
+    raise SystemExit(f"the service did not become ready in {timeout:.0f} s: {last}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", type=Path, help="model bundle to serve")
+    source.add_argument("--fake", action="store_true", help="serve the test FakePredictor (smoke run)")
+    parser.add_argument("--image", type=Path, help="file to upload (default: a synthetic 1024x1024 PNG; 256x256 with --fake)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--time-limit", type=float, default=120.0, help="stop sending after this many seconds")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="the server's inference workers")
+    parser.add_argument("--max-queue", type=int, default=8, help="the server's waiting line")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fake-seconds", type=float, default=0.05, help="sleep per fake reading")
+    parser.add_argument("--no-images", action="store_true", help="ask for no overlay/heatmap (images=false)")
+    args = parser.parse_args()
+    if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
+        raise SystemExit("--requests must be in 1..10000 and --concurrency in 1..64")
+
+    import httpx
+
+    # The fake's own picture drawing costs seconds on a 1024-pixel image; its smoke run
+    # uses a small one so that it measures the service, not the fake.
+    payload = args.image.read_bytes() if args.image else synthetic_radiograph(256 if args.fake else 1024)
+    options = {
+        "fake": args.fake, "bundle": str(args.bundle) if args.bundle else None, "device": args.device,
+        "fake_seconds": args.fake_seconds, "max_concurrent": args.max_concurrent, "max_queue": args.max_queue,
+    }
+    context = mp.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    server = context.Process(target=_serve_child, args=(options, sender), daemon=True)
+    server.start()
+    try:
+        if not receiver.poll(120):
+            raise SystemExit("the service process did not start")
+        url = f"http://127.0.0.1:{receiver.recv()}"
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        with httpx.Client(limits=limits, timeout=120) as client:
+            version = wait_ready(client, url, timeout=300)
+            print(f"service {url}, model {version}; upload {len(payload) / 1e6:.2f} MB; "
+                  f"{args.requests} requests at concurrency {args.concurrency}; "
+                  f"server workers {args.max_concurrent}, queue {args.max_queue}")
+            client.post(url + "/v1/predict", files={"file": ("warmup", payload)})  # first call pays one-off costs
+            deadline = time.monotonic() + args.time_limit
+            lock = threading.Lock()
+            latencies: list[float] = []
+            statuses: Counter[str] = Counter()
+            server_side: list[tuple[float, float]] = []
+            target = url + "/v1/predict" + ("?images=false" if args.no_images else "")
+
+            def one(_: int) -> None:
+                if time.monotonic() > deadline:
+                    with lock:
+                        statuses["skipped (time limit)"] += 1
+                    return
+                began = time.perf_counter()
+                try:
+                    response = client.post(target, files={"file": ("upload", payload)})
+                    status = str(response.status_code)
+                    timings = response.json().get("timings") if response.status_code == 200 else None
+                except Exception as exc:  # noqa: BLE001 - counted as an error
+                    status, timings = type(exc).__name__, None
+                elapsed = time.perf_counter() - began
+                with lock:
+                    statuses[status] += 1
+                    if status == "200":
+                        latencies.append(elapsed)
+                        server_side.append((timings["queue_wait"], timings["server_total"]))
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+
+    errors = sum(n for status, n in statuses.items() if status != "200")
+    print(f"answers: {dict(sorted(statuses.items()))}; errors: {errors}")
+    if latencies:
+        print(f"latency (200s): p50 {percentile(latencies, 50) * 1000:.0f} ms, "
+              f"p95 {percentile(latencies, 95) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
+        print(f"server side: mean queue wait {statistics.mean(q for q, _ in server_side) * 1000:.0f} ms, "
+              f"mean handling {statistics.mean(t for _, t in server_side) * 1000:.0f} ms")
+    print(f"throughput: {len(latencies) / wall:.2f} requests/s ({len(latencies)} ok in {wall:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""End to end in real headless Chromium: the page uploads a file and shows the reading.
+
+The app runs under uvicorn on 127.0.0.1 (a free port) in a background thread, with the
+fake predictor of ``test_service.py``. Every request the page makes to another host is
+blocked and recorded, so the test also proves the page works offline (no CDN).
+Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png and
+/tmp/service_phone.png.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from lungopacity.service import create_app
+from test_service import FakePredictor
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+
+def chest_like_png(path: Path, brightness: int) -> Path:
+    """A 320 x 256 grey picture with two dark 'lungs' (enough to look at in a screenshot)."""
+    image = Image.new("L", (320, 256), color=brightness)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((50, 40, 150, 220), fill=max(0, brightness - 90))
+    draw.ellipse((170, 40, 270, 220), fill=max(0, brightness - 90))
+    noise = np.random.default_rng(0).integers(-10, 10, size=(256, 320))
+    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    """Serve the app with uvicorn on a free loopback port for the module's tests."""
+    import uvicorn
+
+    app = create_app(FakePredictor())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        threading.Event().wait(0.02)
+    else:
+        pytest.fail("uvicorn did not start")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium package; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def open_page(browser: Any, url: str, **context_options: Any) -> tuple[Any, Any, list[str], list[str]]:
+    """A page on ``url`` that blocks and records requests to other hosts and console errors."""
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    outside: list[str] = []
+    console_errors: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(url) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    page.goto(url + "/")
+    return context, page, outside, console_errors
+
+
+def test_upload_shows_result_overlay_and_heatmap(browser: Any, server_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    context, page, outside, console_errors = open_page(browser, server_url, viewport={"width": 1280, "height": 900})
+    try:
+        assert page.title() == "Lung opacity reader"
+        # (Playwright's wait_for_function needs eval, which the page's CSP forbids: use expect.)
+        expect(page.locator("#model-version")).to_have_text("fake-1.0")
+        # From the keyboard: skip link, then the real file input.
+        page.keyboard.press("Tab")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "file-input"
+
+        page.set_input_files("#file-input", str(chest_like_png(tmp_path / "xray.png", 220)))
+        page.select_option("#sex", "F")
+        page.fill("#age", "54")
+        page.click("#submit-button")
+        page.wait_for_selector("#result:not([hidden])", timeout=15_000)
+
+        summary = page.text_content("#summary")
+        assert summary.startswith("Signs of lung opacity found (probability 0.")
+        assert page.text_content("#status") == f"Done. {summary}."
+        assert page.text_content("#metadata") == "female, 54 years, view not given"
+        assert page.text_content("#box-count") == "1"
+        assert "must be reviewed by a qualified clinician" in page.text_content("#disclaimer")
+        overlay = page.get_attribute("#picture", "src")
+        assert overlay.startswith("data:image/png;base64,")
+        expect(page.locator("#picture")).to_have_js_property("naturalWidth", 320)
+        assert page.is_visible("#picture")
+        assert page.evaluate("document.activeElement.id") == "result-heading"
+        assert page.text_content("#picture-caption") == "Boxes mark where the model found opacity."
+        page.screenshot(path="/tmp/service_desktop.png", full_page=True)
+
+        # The heatmap toggle, from the keyboard.
+        page.focus("#heatmap-toggle")
+        page.keyboard.press("Space")
+        heatmap = page.get_attribute("#picture", "src")
+        assert heatmap.startswith("data:image/png;base64,") and heatmap != overlay
+        assert "Heatmap" in page.get_attribute("#picture", "alt")
+        assert page.text_content("#picture-caption").startswith("Warmer colours mark")
+        page.screenshot(path="/tmp/service_desktop_heatmap.png")
+
+        # An API error is shown as its JSON message.
+        page.set_input_files("#file-input", files=[{"name": "scan.dcm", "mimeType": "application/dicom", "buffer": b"not an image\n" * 20}])
+        page.click("#submit-button")
+        expect(page.locator("#error")).to_have_text(
+            "The file is not a DICOM, PNG or JPEG image (judged from its content, not its name).", timeout=15_000
+        )
+        assert outside == [], f"the page tried to reach other hosts: {outside}"
+        assert console_errors == [] or all("415" in text for text in console_errors), console_errors
+    finally:
+        context.close()
+
+
+def test_phone_layout(browser: Any, server_url: str, tmp_path: Path) -> None:
+    context, page, outside, console_errors = open_page(
+        browser, server_url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, device_scale_factor=2
+    )
+    try:
+        page.set_input_files("#file-input", str(chest_like_png(tmp_path / "dark.png", 90)))
+        page.click("#submit-button")
+        page.wait_for_selector("#result:not([hidden])", timeout=15_000)
+        assert page.text_content("#summary").startswith("No lung opacity found (probability 0.")
+        # Nothing wider than the phone: no sideways scrolling.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        box = page.locator("#picture").bounding_box()
+        assert box is not None and box["width"] <= 390
+        page.screenshot(path="/tmp/service_phone.png", full_page=True)
+        assert outside == [] and console_errors == []
+    finally:
+        context.close()
