@@ -112,6 +112,7 @@ def demo_data(
     n: int = typer.Option(200, "--n", min=1, help="Number of patients."),
     size: int = typer.Option(1024, "--size", min=64, help="Image side length in pixels (RSNA: 1024)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same bytes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the DICOMs of an earlier run in OUT."),
 ) -> None:
     """Write a synthetic RSNA-format dataset of phantom chest radiographs.
 
@@ -122,7 +123,11 @@ def demo_data(
     """
     from lungopacity.synthetic import write_demo_dataset
 
-    summary = write_demo_dataset(out, n=n, size=size, seed=seed)
+    bar = _Progress("demo-data")
+    try:
+        summary = write_demo_dataset(out, n=n, size=size, seed=seed, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
     typer.echo(f"wrote {summary.n} synthetic patients to {out} ({summary.describe()})")
 
 
@@ -213,6 +218,33 @@ def train_classifier_command(
     )
 
 
+@app.command("train-fusion")
+@user_errors
+def train_fusion_command(
+    oof: Path = typer.Option(..., "--oof", help="Out-of-fold table of a k-fold classifier run (RUN/oof.csv)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the fusion network and its report."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="The prepared cache the classifier trained on."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or: the RSNA folder (label CSVs + metadata.csv)."),
+    seed: int = typer.Option(0, "--seed"),
+    n_bootstrap: int = typer.Option(2000, "--n-bootstrap", help="Bootstrap resamples for the AUC intervals."),
+) -> None:
+    """Train the paper's fusion network: sex, age, view + the 3 class probabilities -> P(opacity).
+
+    Trained on out-of-fold probabilities only. Writes OUT/fusion.safetensors,
+    OUT/fusion.json and OUT/report/ (metadata-only vs image-only vs fusion: AUCs with
+    95 % intervals, paired tests, the three ROC curves).
+    """
+    from lungopacity.engine.fusion import train_fusion_run
+
+    if (cache is None) == (data is None):
+        typer.echo("error: give exactly one of --cache or --data", err=True)
+        raise typer.Exit(code=2)
+    metrics = train_fusion_run(oof, out, cache_dir=cache, data_dir=data, seed=seed, n_bootstrap=n_bootstrap)
+    models = metrics.get("models", {})
+    parts = [f"{name} AUC {m.get('auc', float('nan')):.4f}" for name, m in models.items() if isinstance(m, dict)]
+    typer.echo(f"fusion network saved to {out}; held-out comparison: {', '.join(parts)}; report {out / 'report'}")
+
+
 @app.command("bundle")
 @user_errors
 def bundle_command(
@@ -301,6 +333,36 @@ def serve_command(
     typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /openapi.json)")
     serve(bundle, host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20),
           max_concurrent=concurrency, max_queue=queue)
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Path = typer.Option(Path("demo-run"), "--out", "-o", help="Folder for everything the demo writes."),
+    n: int = typer.Option(300, "--n", min=30, help="Synthetic patients."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run the whole chain on the built-in synthetic dataset (what `make demo` runs).
+
+    demo data -> prepare -> classifier (k-fold) -> evaluation -> fusion -> detector ->
+    evaluation -> bundle -> predict. About ten minutes on a 2-core CPU.
+    """
+    from lungopacity.demo import DemoSettings, run_demo
+
+    result = run_demo(
+        out, DemoSettings(n_patients=n, seed=seed), progress_factory=_TqdmProgress,
+        on_step=lambda text: typer.echo(f"== {text}"),
+    )
+    p, f = result.paths, result.figures
+    typer.echo("")
+    typer.echo(f"demo finished in {sum(result.seconds.values()):.0f} s; everything is under {out}/")
+    typer.echo(f"  data (RSNA format)      {p['data']}   [{f.get('data', '')}]")
+    typer.echo(f"  classifier report       {p['classifier_report']}/report.md   {f.get('classifier_report', '')}")
+    typer.echo(f"  fusion comparison       {p['fusion']}/report/fusion_report.md   {f.get('fusion', '')}")
+    typer.echo(f"  detector report         {p['detector_report']}/")
+    typer.echo(f"  model bundle            {p['model']}")
+    typer.echo(f"  predictions, overlays   {p['predictions']}/predictions.csv, {p['predictions']}/overlays/")
+    typer.echo(f"  serve it                .venv/bin/lungopacity serve --bundle {p['model']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,7 +92,9 @@ def run_demo(
         return lambda: result.seconds.__setitem__(name, round(time.perf_counter() - started, 1))
 
     done = step("data", f"writing {settings.n_patients} synthetic patients ({settings.image_size} px DICOMs)")
-    summary = write_demo_dataset(paths["data"], n=settings.n_patients, size=settings.image_size, seed=settings.seed)
+    summary = write_demo_dataset(
+        paths["data"], n=settings.n_patients, size=settings.image_size, seed=settings.seed, overwrite=True
+    )
     result.figures["data"] = summary.describe()
     done()
 
@@ -121,9 +123,9 @@ def run_demo(
 
     done = step("fusion", "training the fusion network on out-of-fold probabilities")
     fusion = train_fusion_run(
-        oof_csv=paths["classifier"] / "oof.csv", out_dir=paths["fusion"], cache_dir=paths["cache"], seed=settings.seed
+        paths["classifier"] / "oof.csv", paths["fusion"], cache_dir=paths["cache"], seed=settings.seed, n_bootstrap=500
     )
-    result.figures["fusion"] = fusion
+    result.figures["fusion"] = {name: m.get("auc") for name, m in fusion.get("models", {}).items()}
     done()
 
     done = step("detector", f"training the opacity detector ({settings.detector_backbone})")
