@@ -256,6 +256,10 @@ def bundle_command(
     sensitivity: Optional[float] = typer.Option(
         None, "--sensitivity", help="Operating threshold for this sensitivity (default: Youden's J)."
     ),
+    detector_postprocess: Optional[Path] = typer.Option(
+        None, "--detector-postprocess",
+        help="Box post-processing from an evaluate-detector report.json (e.g. tuned with gating).",
+    ),
 ) -> None:
     """Assemble one model bundle: weights (safetensors) and one JSON config with the model card.
 
@@ -265,7 +269,7 @@ def bundle_command(
     from lungopacity.inference.bundle import build_bundle
 
     path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector, cache_dir=cache,
-                        target_sensitivity=sensitivity)
+                        target_sensitivity=sensitivity, detector_postprocess=detector_postprocess)
     typer.echo(f"bundle written to {path}")
 
 

@@ -63,7 +63,8 @@ def run_demo(
     """
     from lungopacity.data.cache import PreparedCache, prepare_cache
     from lungopacity.engine.classifier import ClassifierTrainConfig, train_classifier
-    from lungopacity.engine.detector import DetectorTrainConfig, evaluate_detector, train_detector
+    from lungopacity.engine.detector import DetectorTrainConfig, train_detector
+    from lungopacity.engine.evaluate_detection import evaluate_detector
     from lungopacity.engine.evaluate import evaluate_classifier
     from lungopacity.engine.fusion import train_fusion_run
     from lungopacity.inference.batch import predict_to_folder
@@ -146,12 +147,17 @@ def run_demo(
         paths["detector"], paths["cache"], split="val", out_dir=paths["detector_report"],
         classifier_probs=paths["classifier"] / "oof.csv",
     )
-    result.figures["detector_report"] = detection
+    main = detection["variants"][detection["main_variant"]]
+    result.figures["detector_report"] = {
+        "variant": detection["main_variant"],
+        "rsna_map": main["metrics"]["rsna_map"],
+        "cross_fitted_rsna_map": main.get("cross_fitted_rsna_map"),
+    }
     done()
 
     done = step("bundle", "assembling the model bundle")
     build_bundle(paths["model"], paths["classifier"], fusion_dir=paths["fusion"], detector_run=paths["detector"],
-                 cache_dir=paths["cache"])
+                 cache_dir=paths["cache"], detector_postprocess=paths["detector_report"] / "report.json")
     done()
 
     done = step("predict", f"reading {settings.n_predict} images with the bundle")

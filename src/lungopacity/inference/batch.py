@@ -122,6 +122,7 @@ def predict_to_folder(
         [p.id for p in predictions],
         [[[b.x1, b.y1, b.x2, b.y2] for b in p.boxes] for p in predictions],
         [[b.score for b in p.boxes] for p in predictions],
+        decimals=4,
     )
     with open(out_dir / "errors.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

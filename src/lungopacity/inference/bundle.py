@@ -140,6 +140,7 @@ def build_bundle(
     detector_run: str | Path | None = None,
     cache_dir: str | Path | None = None,
     target_sensitivity: float | None = None,
+    detector_postprocess: str | Path | None = None,
 ) -> Path:
     """Assemble a bundle folder from training outputs.
 
@@ -153,6 +154,9 @@ def build_bundle(
             the path recorded in the run).
         target_sensitivity: choose the operating threshold for this sensitivity on
             held-out patients instead of Youden's J.
+        detector_postprocess: box post-processing to use instead of the detector run's
+            own: an ``evaluate-detector`` ``report.json`` (its main variant, e.g. tuned
+            with classifier gating) or a JSON post-processing config.
     """
     from lungopacity.data.cache import PreparedCache
     from lungopacity.engine.classifier import load_run_models
@@ -217,6 +221,8 @@ def build_bundle(
     detector_entry = None
     if detector_run is not None:
         detector_entry = _bundle_detector(Path(detector_run), out)
+        if detector_postprocess is not None:
+            detector_entry["postprocess"] = read_postprocess_choice(Path(detector_postprocess))
         card_metrics.update({f"detector_{k}": v for k, v in detector_entry.pop("metrics", {}).items()})
 
     cache_info = run_config.get("cache", {})
@@ -266,16 +272,29 @@ def build_bundle(
 def _bundle_detector(detector_run: Path, out: Path) -> dict[str, Any]:
     from lungopacity.engine.detector import load_detector_run
 
-    model, info = load_detector_run(detector_run)
-    sha = _save_tensors(model, out / "detector.safetensors")
+    run = load_detector_run(detector_run)
+    sha = _save_tensors(run.model, out / "detector.safetensors")
+    metrics = {k: v for k, v in (run.config.get("best_metrics") or {}).items() if isinstance(v, (int, float))}
     return {
         "file": "detector.safetensors",
         "sha256": sha,
-        "config": model.config(),
-        "input_size": int(info["input_size"]),
-        "postprocess": info.get("postprocess") or {},
-        "metrics": info.get("metrics") or {},
+        "config": run.model.config(),
+        "input_size": int(run.model.image_size),
+        "postprocess": run.postprocess.to_dict(),
+        "metrics": metrics,
     }
+
+
+def read_postprocess_choice(path: Path) -> dict[str, Any]:
+    """A post-processing config from a JSON config or an evaluate-detector report."""
+    from lungopacity.engine.postprocess import PostprocessConfig
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: post-processing file not found")
+    data = json.loads(path.read_text())
+    if "variants" in data:
+        data = data["variants"][data.get("main_variant", "tuned")]["postprocess"]
+    return PostprocessConfig.from_dict(data).to_dict()
 
 
 # ------------------------------------------------------------------------ loading
