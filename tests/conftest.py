@@ -74,3 +74,20 @@ def make_uncompressed_dicom(
     ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory):
+    """The whole demo chain at toy size (about a minute): data, cache, runs and a bundle.
+
+    Shared by the predictor, bundle, ONNX and service tests. The models are barely
+    trained: these tests check plumbing and contracts, not accuracy.
+    """
+    from lungopacity.demo import DemoSettings, run_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    settings = DemoSettings(
+        n_patients=48, image_size=128, cache_size=64, classifier_folds=2, classifier_epochs=1,
+        detector_epochs=1, n_predict=3,
+    )
+    return run_demo(out, settings)

@@ -218,6 +218,118 @@ def train_classifier_command(
     )
 
 
+@app.command("evaluate-classifier")
+@user_errors
+def evaluate_classifier_command(
+    run: Path = typer.Argument(..., help="Classifier run folder."),
+    cache: Path = typer.Option(..., "--cache", help="Prepared cache to evaluate on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (metrics.json, report.md, PNGs)."),
+    split: str = typer.Option("val", "--split", help="val: the cache's validation split; all: every patient."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95 % intervals."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Evaluate a classifier: ROC per class (the paper's Figure 7), AUCs with 95 % intervals,
+    accuracy and confusion matrix, operating points, opacity AUC by view.
+
+    With --split all it scores every patient of any prepared cache (a dataset the model
+    never saw). On the cache a k-fold run trained on, out-of-fold probabilities are used.
+    """
+    from lungopacity.engine.evaluate import evaluate_classifier
+
+    metrics = evaluate_classifier(run, cache, split=split, out_dir=out, n_boot=n_boot, device=device,
+                                  progress=_TqdmProgress())
+    typer.echo(
+        f"{metrics['n']} patients: opacity AUC {metrics['opacity_auc']:.4f}, accuracy {metrics['accuracy']:.3f}; "
+        f"report {out / 'report.md'}"
+    )
+
+
+@app.command("train-detector")
+@user_errors
+def train_detector_command(
+    cache: Path = typer.Argument(..., help="Prepared cache folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Detector run folder (or the one to --resume)."),
+    arch: str = typer.Option("retinanet", "--arch", help="retinanet | fasterrcnn."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Any timm model with features_only."),
+    pretrained: str = typer.Option("none", "--pretrained", help="none | efficientnet-lite0 | timm | PATH."),
+    size: Optional[int] = typer.Option(None, "--size", help="Detector input size (default: the cache's size)."),
+    epochs: int = typer.Option(12, "--epochs", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lr: float = typer.Option(3e-4, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Box-aware scale/shift/rotation + intensity."),
+    hflip: bool = typer.Option(False, "--hflip"),
+    patience: int = typer.Option(5, "--patience"),
+    device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(0, "--workers"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
+) -> None:
+    """Train the opacity detector (RetinaNet over a timm backbone with an FPN) on all patients.
+
+    Negatives train too (zero box loss). Checkpoints every epoch (atomic), best by the
+    RSNA metric on the validation split; post-processing tuned on validation is stored
+    in OUT/postprocess.json.
+    """
+    from lungopacity.engine.detector import DetectorTrainConfig, train_detector
+
+    config = DetectorTrainConfig(
+        arch=arch, backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, augment=augment, hflip=hflip, patience=patience, device=device, num_workers=workers,
+        max_steps_per_epoch=max_steps,
+    )
+    result = train_detector(cache, out, config, resume=resume, progress=_TqdmProgress())
+    typer.echo(
+        f"detector run {out}: best validation RSNA metric {result.best_val_map:.4f} (epoch {result.best_epoch}); "
+        f"with post-processing ({result.postprocess.describe()}) {result.val_map_postprocessed:.4f}"
+    )
+
+
+@app.command("evaluate-detector")
+@user_errors
+def evaluate_detector_command(
+    run: Path = typer.Argument(..., help="Detector run folder."),
+    cache: Path = typer.Option(..., "--cache", help="Prepared cache to evaluate on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder."),
+    split: str = typer.Option("val", "--split", help="val | train | all."),
+    classifier_probs: Optional[Path] = typer.Option(
+        None, "--classifier-probs", help="CSV with patientId,p_lung_opacity (e.g. RUN/oof.csv) for gating."
+    ),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Evaluate the detector: the RSNA metric, precision per IoU threshold, sensitivity at
+    0.5/1/2 false positives per image, by view, overlays of the best and worst cases
+    (the paper's Figure 10), with and without classifier gating; writes the submission.
+    """
+    from lungopacity.engine.evaluate_detection import evaluate_detector
+
+    report = evaluate_detector(run, cache, split=split, out_dir=out, classifier_probs=classifier_probs, device=device)
+    main = report["variants"][report["main_variant"]]
+    cross = main.get("cross_fitted_rsna_map")
+    typer.echo(
+        f"{report['n_patients']} patients: RSNA metric {main['metrics']['rsna_map']:.4f} ({report['main_variant']}"
+        + (f", cross-fitted {cross:.4f}" if cross is not None else "")
+        + f"); report {out / 'report.md'}, submission {out / 'submission.csv'}"
+    )
+
+
+@app.command("score")
+@user_errors
+def score_command(
+    labels_csv: Path = typer.Argument(..., help="Labels in the official stage_2_train_labels.csv format."),
+    submission_csv: Path = typer.Argument(..., help="Submission: patientId,PredictionString."),
+    class_info: Optional[Path] = typer.Option(None, "--class-info", help="stage_2_detailed_class_info.csv (optional)."),
+) -> None:
+    """Print the RSNA challenge metric of a submission (mean over IoU 0.40-0.75 of TP/(TP+FP+FN))."""
+    from lungopacity.io.submission import score_submission
+
+    result = score_submission(labels_csv, submission_csv, class_info)
+    typer.echo(
+        f"RSNA metric {result['rsna_map']:.4f} over {result['n_scored']} scored patients "
+        f"({result['n_missing']} labelled patients without a row counted as no prediction)"
+    )
+
+
 @app.command("train-fusion")
 @user_errors
 def train_fusion_command(

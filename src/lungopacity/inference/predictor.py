@@ -299,19 +299,24 @@ class Predictor:
             progress: ``progress(done, total)``.
         """
         paths = list(paths)
+        ids = unique_ids(paths)
         readings: list[Reading] = []
         errors: list[tuple[str, str]] = []
         done = 0
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            images = []
-            for path in chunk:
+            images, overrides = [], []
+            for path, image_id in zip(chunk, ids[start : start + batch_size]):
                 try:
-                    images.append(self.load(path, name=str(path)))
+                    image = self.load(path, name=str(path))
                 except ImageReadError as exc:
                     errors.append((str(path), exc.cause))
                     log.warning("%s", exc)
-            overrides = [(metadata or {}).get(img.id) for img in images]
+                    continue
+                image.id = image_id
+                images.append(image)
+                table = metadata or {}
+                overrides.append(table.get(image_id, table.get(Path(path).stem)))
             predictions = self.predict_images(images, overrides)
             heatmaps = self.heatmaps(images) if (with_images and images) else [None] * len(images)
             for img, prediction, heatmap in zip(images, predictions, heatmaps):
@@ -323,6 +328,16 @@ class Predictor:
             if progress:
                 progress(done, len(paths))
         return readings, errors
+
+
+def unique_ids(paths: Sequence[Path]) -> list[str]:
+    """Each file's id: its name without extension, or with it where two files share a stem."""
+    stems = [Path(p).stem for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    ids = [Path(p).name if stem in repeated else stem for p, stem in zip(paths, stems)]
+    if len(set(ids)) < len(ids):  # same name in different folders: keep the parent folder too
+        ids = [f"{Path(p).parent.name}/{i}" if ids.count(i) > 1 else i for p, i in zip(paths, ids)]
+    return ids
 
 
 def _resize_float(array: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -120,7 +121,18 @@ def _open_dataset(source: str | Path | bytes | BinaryIO, name: str, stop_before_
 
     fileobj: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        return pydicom.dcmread(fileobj, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fileobj, stop_before_pixels=stop_before_pixels)
+        # pydicom reports a file cut short only as a warning and returns what it could read.
+        for warning in caught:
+            if "end of file" in str(warning.message).lower():
+                raise ImageReadError(name, f"truncated DICOM ({warning.message})")
+        if len(ds) == 0:
+            raise ImageReadError(name, "truncated or corrupt DICOM (no data elements could be read)")
+        return ds
+    except ImageReadError:
+        raise
     except InvalidDicomError:
         raise ImageReadError(name, "not a DICOM file (no DICM preamble and no valid data elements)") from None
     except FileNotFoundError:
@@ -202,6 +214,9 @@ def read_dicom(
     name = name or str(source if not isinstance(source, (bytes, bytearray)) else "<upload>")
     ds = _open_dataset(source, name, stop_before_pixels=False)
     if "PixelData" not in ds:
+        if "Rows" in ds:
+            # An image header without pixels: pydicom drops a PixelData element cut short.
+            raise ImageReadError(name, "DICOM has no pixel data: the file is truncated or its PixelData element is missing")
         raise ImageReadError(name, "DICOM has no pixel data (PixelData element missing)")
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples != 1:

@@ -1,0 +1,267 @@
+"""Evaluate a trained detector on a prepared cache: metric, FROC, views, cases, submission.
+
+:func:`evaluate_detector` predicts the boxes of a split, post-processes them in up to
+three variants and writes a report folder:
+
+* ``stored`` — the post-processing tuned on the validation split when the detector was
+  trained (``postprocess.json`` of the run; no gating);
+* ``tuned`` — re-tuned on the evaluated patients without gating;
+* ``gated`` — re-tuned with gating by the classifier's P(opacity) (only with
+  ``classifier_probs``).
+
+Settings tuned on the patients they are scored on flatter themselves, so each re-tuned
+variant also reports a cross-fitted metric (tuned on one half, scored on the other;
+:func:`lungopacity.engine.postprocess.cross_fitted_rsna_map`), the number to quote.
+
+The folder gets ``report.json``, ``report.md``, ``per_patient.csv``,
+``postprocess_grid_<variant>.csv``, ``best_cases.png`` and ``worst_cases.png`` (every box of
+each patient over the image: ground truth green, predictions orange with scores) and
+``submission.csv`` (the main variant: gated when probabilities are given, else stored),
+plus ``submission_<variant>.csv`` for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lungopacity.data.cache import PreparedCache
+from lungopacity.engine.common import Progress, resolve_device
+from lungopacity.engine.detector import gt_boxes, load_detector_run, predict_boxes
+from lungopacity.engine.postprocess import (
+    PostprocessConfig,
+    apply_postprocess_all,
+    cross_fitted_rsna_map,
+    tune_postprocess,
+)
+from lungopacity.io.errors import DataFormatError
+from lungopacity.io.submission import write_submission
+from lungopacity.reports.detection import (
+    case_sheet,
+    detection_metrics,
+    metrics_by_view,
+    select_cases,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_COLUMN = "p_lung_opacity"
+
+
+def read_opacity_probabilities(path: str | Path, patient_ids: Sequence[str]) -> np.ndarray:
+    """P(opacity) for each patient from a CSV with ``patientId`` and ``p_lung_opacity``
+    (a classifier run's ``oof.csv``, ``val_predictions.csv`` or a predictions table).
+
+    Raises:
+        DataFormatError: missing columns, duplicate patients, values outside [0, 1], or
+            patients of ``patient_ids`` that the file lacks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(path, "file not found")
+    try:
+        table = pd.read_csv(path, dtype={"patientId": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataFormatError(path, f"not a readable CSV ({exc})") from None
+    missing_columns = [c for c in ("patientId", PROBABILITY_COLUMN) if c not in table.columns]
+    if missing_columns:
+        raise DataFormatError(path, f"missing column(s) {', '.join(missing_columns)}; found {','.join(table.columns)}")
+    duplicated = table["patientId"].duplicated()
+    if duplicated.any():
+        raise DataFormatError(path, f"patient {table['patientId'][duplicated].iloc[0]} appears more than once")
+    values = pd.to_numeric(table[PROBABILITY_COLUMN], errors="coerce")
+    bad = values.isna() | (values < 0) | (values > 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataFormatError(path, f"line {i + 2}: {PROBABILITY_COLUMN} must be a probability in [0, 1], "
+                                    f"got {table[PROBABILITY_COLUMN].iloc[i]!r}")
+    by_id = dict(zip(table["patientId"], values.to_numpy(dtype=np.float64)))
+    absent = [pid for pid in patient_ids if pid not in by_id]
+    if absent:
+        raise DataFormatError(path, f"has no {PROBABILITY_COLUMN} for {len(absent)} of the {len(patient_ids)} "
+                                    f"evaluated patients, e.g. {absent[0]}")
+    return np.array([by_id[pid] for pid in patient_ids], dtype=np.float64)
+
+
+def _variant(
+    name: str,
+    config: PostprocessConfig,
+    gt: list[np.ndarray],
+    raw_boxes: list[np.ndarray],
+    raw_scores: list[np.ndarray],
+    p_opacity: np.ndarray | None,
+    cross_fitted: float | None,
+    description_note: str,
+) -> dict[str, Any]:
+    boxes, scores = apply_postprocess_all(raw_boxes, raw_scores, p_opacity if config.gating != "none" else None, config)
+    unthresholded = PostprocessConfig.from_dict({**config.to_dict(), "score_threshold": -np.inf})
+    ranked_boxes, ranked_scores = apply_postprocess_all(
+        raw_boxes, raw_scores, p_opacity if config.gating != "none" else None, unthresholded
+    )
+    metrics = detection_metrics(gt, boxes, scores, ranked_boxes, ranked_scores)
+    return {
+        "name": name,
+        "postprocess": config.to_dict(),
+        "postprocess_description": config.describe() + description_note,
+        "cross_fitted_rsna_map": cross_fitted,
+        "metrics": metrics,
+        "_boxes": boxes,
+        "_scores": scores,
+        "_ranked": (ranked_boxes, ranked_scores),
+    }
+
+
+def evaluate_detector(
+    det_run: str | Path,
+    cache_dir: str | Path,
+    split: str = "val",
+    out_dir: str | Path = "detector-report",
+    classifier_probs: str | Path | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 16,
+    hflip_tta: bool = False,
+    n_cases: int = 8,
+    cross_fit: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate a detector run on a cache split and write the report folder (module docstring).
+
+    Args:
+        det_run: a run folder of :func:`lungopacity.engine.detector.train_detector`.
+        cache_dir: a prepared cache.
+        split: ``"val"``, ``"train"`` or ``"all"``.
+        out_dir: the report folder.
+        classifier_probs: CSV with ``patientId, p_lung_opacity`` for gating.
+        device: where to run the detector.
+        batch_size: images per forward pass.
+        hflip_tta: add the mirrored image's boxes (fused by the post-processing).
+        n_cases: patients in each of the best / worst contact sheets.
+        cross_fit: also compute the cross-fitted metric of the re-tuned variants.
+        seed: seed of the cross-fitting split.
+        progress: progress reporter.
+
+    Returns:
+        The report (as written to ``report.json``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(device)
+    run = load_detector_run(det_run, device=torch_device)
+    cache = PreparedCache(cache_dir)
+    positions = cache.indices(None if split == "all" else split)
+    if len(positions) == 0:
+        raise ValueError(f"{cache.path}: no prepared patients in split {split!r}")
+    trained_on = run.config.get("cache", {}).get("patients_hash")
+    if trained_on and trained_on != cache.meta.get("patients_hash"):
+        log.warning("%s: the detector was trained on another cache (%s); its val split may overlap this one's train",
+                    cache.path, run.config.get("cache", {}).get("path"))
+    predictions = predict_boxes(run.model, cache, positions, batch_size=batch_size, device=torch_device,
+                                hflip_tta=hflip_tta, amp=True, progress=progress)
+    ids = predictions.patient_ids
+    gt = gt_boxes(cache, positions)
+    p_opacity = read_opacity_probabilities(classifier_probs, ids) if classifier_probs is not None else None
+    n_sets = predictions.n_sets
+
+    variants: dict[str, dict[str, Any]] = {}
+    stored = PostprocessConfig.from_dict({**run.postprocess.to_dict(), "n_models": n_sets})
+    variants["stored"] = _variant("stored", stored, gt, predictions.boxes, predictions.scores, None, None,
+                                  " (tuned on the training run's val split)")
+    grids: dict[str, pd.DataFrame] = {}
+    for name, probs in (("tuned", None), ("gated", p_opacity)):
+        if name == "gated" and probs is None:
+            continue
+        try:
+            config, grid = tune_postprocess(gt, predictions.boxes, predictions.scores, probs,
+                                            gating_options=("multiply",) if name == "gated" else ("none",),
+                                            n_models=n_sets)
+        except ValueError as exc:
+            log.warning("variant %s not tuned: %s", name, exc)
+            continue
+        grids[name] = grid
+        crossed = None
+        if cross_fit:
+            crossed = cross_fitted_rsna_map(
+                gt, predictions.boxes, predictions.scores, probs, seed=seed,
+                gating_options=("multiply",) if name == "gated" else ("none",), n_models=n_sets,
+            )
+        variants[name] = _variant(name, config, gt, predictions.boxes, predictions.scores, probs, crossed,
+                                  " (tuned on these patients)")
+    main_name = "gated" if "gated" in variants else "stored"
+    main = variants[main_name]
+
+    # Files: submissions, grids, per-patient table, best / worst cases.
+    files: dict[str, str] = {}
+    for name, variant in variants.items():
+        path = out_dir / ("submission.csv" if name == main_name else f"submission_{name}.csv")
+        write_submission(path, ids, variant["_boxes"], variant["_scores"])
+        files[f"submission ({name})"] = path.name
+    for name, grid in grids.items():
+        grid.to_csv(out_dir / f"postprocess_grid_{name}.csv", index=False)
+        files[f"post-processing grid ({name})"] = f"postprocess_grid_{name}.csv"
+    table = cache.table.iloc[positions]
+    views = table["view"].tolist()
+    per_patient = pd.DataFrame({
+        "patientId": ids,
+        "view": [v if isinstance(v, str) else "" for v in views],
+        "n_gt": [len(g) for g in gt],
+        "n_raw": [len(b) for b in predictions.boxes],
+        "max_raw_score": [float(s.max()) if len(s) else np.nan for s in predictions.scores],
+    })
+    if p_opacity is not None:
+        per_patient["p_lung_opacity"] = p_opacity
+    for name, variant in variants.items():
+        per_patient[f"n_pred_{name}"] = [len(b) for b in variant["_boxes"]]
+        per_patient[f"score_{name}"] = variant["metrics"]["per_image"]
+    per_patient.to_csv(out_dir / "per_patient.csv", index=False)
+    files["per-patient scores"] = "per_patient.csv"
+
+    per_image = main["metrics"]["per_image"]
+    best, worst = select_cases(per_image, per_patient["n_gt"].to_numpy(),
+                               per_patient[f"n_pred_{main_name}"].to_numpy(), n_cases)
+    for label, chosen in (("best_cases.png", best), ("worst_cases.png", worst)):
+        if len(chosen) == 0:
+            continue
+        images = [cache.image(int(positions[i])).astype(np.float32) / 255.0 for i in chosen]
+        scales = [cache.scale(int(positions[i])) for i in chosen]
+        titles = [f"{ids[i][:8]} {per_image[i]:.2f}" for i in chosen]
+        sheet = case_sheet(images, scales, [gt[i] for i in chosen], [main["_boxes"][i] for i in chosen],
+                           [main["_scores"][i] for i in chosen], titles)
+        (out_dir / label).write_bytes(sheet)
+        files[label.replace("_", " ").replace(".png", "")] = label
+
+    ranked_boxes, ranked_scores = main["_ranked"]
+    files["report"] = "report.md"
+    report: dict[str, Any] = {
+        "run": str(Path(det_run)),
+        "cache": str(cache.path),
+        "split": split,
+        "n_patients": len(ids),
+        "n_positive": int(sum(len(g) > 0 for g in gt)),
+        "classifier_probs": str(classifier_probs) if classifier_probs is not None else None,
+        "hflip_tta": hflip_tta,
+        "main_variant": main_name,
+        "tuning_note": (
+            "Re-tuned variants are tuned on the evaluated patients; their cross-fitted metric "
+            "(tuned on one half, scored on the other) is the unbiased one."
+        ),
+        "variants": {
+            name: {k: v for k, v in variant.items() if not k.startswith("_") and k != "metrics"}
+            | {"metrics": {k: v for k, v in variant["metrics"].items() if k != "per_image"}}
+            for name, variant in variants.items()
+        },
+        "by_view": metrics_by_view(views, gt, main["_boxes"], main["_scores"], ranked_boxes, ranked_scores),
+        "files": files,
+    }
+    write_report(out_dir, report)
+    log.info("detector evaluation of %s on %s (%s, %d patients): RSNA metric %.4f (%s); report in %s",
+             det_run, cache.path, split, len(ids), main["metrics"]["rsna_map"], main_name, out_dir)
+    return report
