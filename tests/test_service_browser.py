@@ -50,12 +50,10 @@ def chest_like_png(path: Path, brightness: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    """Serve the app with uvicorn on a free loopback port for the module's tests."""
+def _serve(app: Any) -> Iterator[str]:
+    """Serve an app with uvicorn on a free loopback port until the generator is closed."""
     import uvicorn
 
-    app = create_app(FakePredictor())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -73,6 +71,18 @@ def server_url() -> Iterator[str]:
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    """The app with the fake predictor (deterministic results for the page's states)."""
+    yield from _serve(create_app(FakePredictor()))
+
+
+@pytest.fixture(scope="module")
+def real_server_url(tiny_demo) -> Iterator[str]:
+    """The app with a real bundle made by the demo chain, loaded at start-up."""
+    yield from _serve(create_app(tiny_demo.paths["model"]))
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +184,30 @@ def test_phone_layout(browser: Any, server_url: str, tmp_path: Path) -> None:
         box = page.locator("#picture").bounding_box()
         assert box is not None and box["width"] <= 390
         page.screenshot(path="/tmp/service_phone.png", full_page=True)
+        assert outside == [] and console_errors == []
+    finally:
+        context.close()
+
+
+@pytest.mark.timeout(900)  # builds the toy demo chain when no earlier test has
+def test_real_bundle_reads_a_demo_dicom(browser: Any, real_server_url: str, tiny_demo) -> None:
+    """The page with a real bundle: upload a synthetic DICOM, see the reading and the overlay."""
+    from playwright.sync_api import expect
+
+    dicom = sorted((tiny_demo.paths["data"] / "stage_2_train_images").glob("*.dcm"))[0]
+    context, page, outside, console_errors = open_page(browser, real_server_url, viewport={"width": 1280, "height": 900})
+    try:
+        expect(page.locator("#model-version")).to_contain_text("lungopacity", timeout=60_000)
+        page.set_input_files("#file-input", str(dicom))
+        page.click("#submit-button")
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        summary = page.text_content("#summary")
+        assert summary.startswith(("Signs of lung opacity found (probability 0.", "No lung opacity found (probability 0."))
+        assert "years" in page.text_content("#metadata")  # sex/age/view came from the DICOM header
+        overlay = page.get_attribute("#picture", "src")
+        assert overlay.startswith("data:image/png;base64,")
+        expect(page.locator("#picture")).to_have_js_property("naturalWidth", 128)  # the demo DICOM's width
+        page.screenshot(path="/tmp/service_real_bundle.png", full_page=True)
         assert outside == [] and console_errors == []
     finally:
         context.close()

