@@ -269,7 +269,8 @@ class _FoldTrainer:
         weights = _class_weights(self.dataset.labels) if config.balance == "loss" else None
         self.loss_weights = weights.to(device) if weights is not None else None
         self.epoch = 0
-        self.best_auc = -1.0
+        # -inf, not -1: without an AUC the selection score is -val_loss, which can be below -1.
+        self.best_auc = float("-inf")
         self.best_epoch = -1
         self.epochs_since_best = 0
         self.history: list[dict[str, Any]] = []
@@ -341,6 +342,7 @@ class _FoldTrainer:
         self.train_model.train()
         loader = self._loader(epoch)
         total_loss, seen, wait_time = 0.0, 0, 0.0
+        epoch_lr = self.optimizer.param_groups[0]["lr"]  # the lr of this epoch's first step
         start = time.perf_counter()
         if self.context.is_main:
             self.progress.start(f"fold {self.fold} epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch)
@@ -376,6 +378,7 @@ class _FoldTrainer:
             self.progress.close()
         seconds = time.perf_counter() - start
         return {
+            "lr": epoch_lr,
             "train_loss": total_loss / max(seen, 1),
             "images_per_s": seen * self.context.world_size / max(seconds, 1e-9),
             "data_wait_fraction": wait_time / max(seconds, 1e-9),
@@ -411,7 +414,6 @@ class _FoldTrainer:
             record = {
                 "fold": self.fold,
                 "epoch": self.epoch + 1,
-                "lr": self.optimizer.param_groups[0]["lr"],
                 **train_stats,
                 **{f"val_{k}" if not k.startswith("val_") else k: v for k, v in summary.items()},
             }
@@ -437,6 +439,9 @@ class _FoldTrainer:
             barrier(self.context)
             if stop:
                 log.info("fold %d: early stop after %d epochs without a better validation AUC", self.fold, config.patience)
+        if self.context.enabled:
+            # The trained weights, before finish() loads best.pt: what DDP must keep equal across ranks.
+            _write_ddp_digest(self.run_dir, self.fold, self.model, self.context)
         return self.finish()
 
     def finish(self) -> FoldResult:
@@ -523,8 +528,6 @@ def train_classifier(
             _rewrite_metrics(run_dir / METRICS_FILE, trainer.history, fold) if context.is_main else None
             log.info("fold %d: resuming after epoch %d", fold, trainer.epoch)
         results.append(trainer.run())
-        if context.enabled:
-            _write_ddp_digest(run_dir, fold, trainer.model, context)
 
     oof_path = None
     if len(folds) > 1 and context.is_main:
@@ -542,14 +545,20 @@ def train_classifier(
 
 
 def _write_ddp_digest(run_dir: Path, fold: int, model: torch.nn.Module, context: DistributedContext) -> None:
-    """Each rank records a digest of its weights: after DDP training they must be equal."""
+    """Each rank records a digest of its trained parameters: after DDP training they must be equal.
+
+    Parameters only: BatchNorm running statistics are buffers that each rank updates from
+    its own shard after DDP's start-of-forward broadcast, so they legitimately differ.
+    """
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    (run_dir / f"fold_{fold}" / f"weights_digest_rank{context.rank}.txt").write_text(digest.hexdigest())
+    path = run_dir / f"fold_{fold}" / f"weights_digest_rank{context.rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(digest.hexdigest())
 
 
 # --------------------------------------------------------------- loading runs

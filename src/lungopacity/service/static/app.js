@@ -50,7 +50,13 @@
       maxUploadBytes = info.max_upload_bytes;
       document.getElementById("max-size").textContent = humanBytes(maxUploadBytes);
       document.getElementById("model-version").textContent = info.model_version || "not loaded yet";
-      if (!info.ready) setStatus("The model is still loading; you can choose a file meanwhile.");
+      if (!info.ready) {
+        setStatus("The model is still loading; you can choose a file meanwhile.");
+        // Ask again until the bundle is loaded, so the page shows the model version.
+        window.setTimeout(loadInfo, 2000);
+      } else if (statusBox && statusBox.textContent.startsWith("The model is still loading")) {
+        setStatus("The model is ready.");
+      }
     } catch (err) {
       document.getElementById("model-version").textContent = "unknown (the server did not answer)";
     }
