@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from lungopacity.io.rsna import (
     load_label_tables,
     load_rsna,
     make_splits,
-    read_labels_csv,
     read_metadata_csv,
     read_splits,
     stratified_split,

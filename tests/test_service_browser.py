@@ -9,7 +9,6 @@ Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png and
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 from collections.abc import Iterator

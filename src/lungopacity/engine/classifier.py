@@ -40,18 +40,19 @@ from lungopacity.engine.checkpoint import (
     atomic_torch_save,
     atomic_write_json,
     load_checkpoint,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 from lungopacity.engine.common import (
     DistributedContext,
     Progress,
+    ResumableTrainer,
     SilentProgress,
+    append_jsonl,
     barrier,
     broadcast_flag,
     build_optimizer,
     build_scheduler,
+    epoch_seed,
     init_distributed,
     resolve_device,
 )
@@ -190,9 +191,6 @@ def _class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _epoch_seed(seed: int, fold: int, epoch: int) -> int:
-    return (seed * 1_000_003 + fold * 10_007 + epoch) % (2**31)
-
 
 def _fold_positions(cache: PreparedCache, config: ClassifierTrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     usable = cache.indices()
@@ -205,10 +203,6 @@ def _fold_positions(cache: PreparedCache, config: ClassifierTrainConfig) -> list
     folds = assign_folds(table, k=config.folds, seed=config.seed).to_numpy()
     return [(usable[folds != k], usable[folds == k]) for k in range(config.folds)]
 
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def _rewrite_metrics(path: Path, history: list[dict[str, Any]], fold: int) -> None:
@@ -225,7 +219,7 @@ def _rewrite_metrics(path: Path, history: list[dict[str, Any]], fold: int) -> No
 # -------------------------------------------------------------------- one fold
 
 
-class _FoldTrainer:
+class _FoldTrainer(ResumableTrainer):
     def __init__(
         self,
         run_dir: Path,
@@ -243,7 +237,7 @@ class _FoldTrainer:
         self.train_positions, self.val_positions = train_positions, val_positions
         self.config, self.device, self.context, self.progress = config, device, context, progress
         self.use_cuda_extras = device.type == "cuda"
-        seed_everything(_epoch_seed(config.seed, fold, -1))
+        seed_everything(epoch_seed(config.seed, -1, fold))
         self.model = create_classifier(
             config.backbone, pretrained=config.pretrained, num_classes=len(CLASS_NAMES), in_chans=1,
             drop_rate=config.drop_rate,
@@ -268,50 +262,12 @@ class _FoldTrainer:
         self.augment = BatchAugment(augment_config) if config.augment else None
         weights = _class_weights(self.dataset.labels) if config.balance == "loss" else None
         self.loss_weights = weights.to(device) if weights is not None else None
-        self.epoch = 0
-        # -inf, not -1: without an AUC the selection score is -val_loss, which can be below -1.
-        self.best_auc = float("-inf")
-        self.best_epoch = -1
-        self.epochs_since_best = 0
-        self.history: list[dict[str, Any]] = []
-        self.finished = False
+        self.init_bookkeeping()
 
     # -- state
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "augment": self.augment.state_dict() if self.augment else None,
-            "epoch": self.epoch,
-            "best_auc": self.best_auc,
-            "best_epoch": self.best_epoch,
-            "epochs_since_best": self.epochs_since_best,
-            "history": self.history,
-            "finished": self.finished,
-            "rng": rng_state(),
-            "model_config": self.model.config(),
-            "train_config": self.config.to_dict(),
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.augment and state.get("augment"):
-            self.augment.load_state_dict(state["augment"])
-        self.epoch = state["epoch"]
-        self.best_auc, self.best_epoch = state["best_auc"], state["best_epoch"]
-        self.epochs_since_best = state["epochs_since_best"]
-        self.history = state["history"]
-        self.finished = state.get("finished", False)
-        set_rng_state(state["rng"])
-
     # -- loader
     def _loader(self, epoch: int) -> DataLoader:
-        seed = _epoch_seed(self.config.seed, self.fold, epoch)
+        seed = epoch_seed(self.config.seed, epoch, self.fold)
         generator = torch.Generator().manual_seed(seed)
         num_samples = self.steps_per_epoch * self.config.batch_size
         if self.context.enabled:
@@ -335,7 +291,7 @@ class _FoldTrainer:
     # -- one epoch
     def train_epoch(self) -> dict[str, Any]:
         epoch = self.epoch
-        seed = _epoch_seed(self.config.seed, self.fold, epoch)
+        seed = epoch_seed(self.config.seed, epoch, self.fold)
         torch.manual_seed(seed)  # dropout of this epoch
         if self.augment:
             self.augment.generator.manual_seed(seed + 1)
@@ -406,9 +362,9 @@ class _FoldTrainer:
             summary, logits = self.evaluate()
             auc = summary["opacity_auc"]
             auc_for_selection = auc if np.isfinite(auc) else -summary["val_loss"]
-            improved = auc_for_selection > self.best_auc
+            improved = auc_for_selection > self.best_score
             if improved:
-                self.best_auc, self.best_epoch, self.epochs_since_best = auc_for_selection, self.epoch, 0
+                self.best_score, self.best_epoch, self.epochs_since_best = auc_for_selection, self.epoch, 0
             else:
                 self.epochs_since_best += 1
             record = {
@@ -430,7 +386,7 @@ class _FoldTrainer:
                         best_path,
                     )
                 atomic_torch_save(self.state(), last_path)
-                _append_jsonl(metrics_path, record)
+                append_jsonl(metrics_path, record)
                 log.info(
                     "fold %d epoch %d: train loss %.4f, val loss %.4f, opacity AUC %.4f, %.1f img/s%s",
                     self.fold, self.epoch, record["train_loss"], summary["val_loss"], auc, record["images_per_s"],
@@ -459,7 +415,7 @@ class _FoldTrainer:
         predictions["Target"] = table["Target"].to_numpy()
         if self.context.is_main:
             predictions.to_csv(self.fold_dir / "val_predictions.csv", index=False)
-        return FoldResult(self.fold, best["epoch"], float(self.best_auc), self.epoch, predictions)
+        return FoldResult(self.fold, best["epoch"], float(self.best_score), self.epoch, predictions)
 
 
 # --------------------------------------------------------------------- the run

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -52,18 +51,19 @@ from lungopacity.engine.checkpoint import (
     atomic_torch_save,
     atomic_write_json,
     load_checkpoint,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 from lungopacity.engine.common import (
     DistributedContext,
     Progress,
+    ResumableTrainer,
     SilentProgress,
+    append_jsonl,
     barrier,
     broadcast_flag,
     build_optimizer,
     build_scheduler,
+    epoch_seed,
     init_distributed,
     resolve_device,
 )
@@ -305,16 +305,7 @@ def best_threshold_map(gt: list[np.ndarray], predictions: BoxPredictions) -> tup
 # ---------------------------------------------------------------------- training
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + 7_919 + epoch) % (2**31)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-class _DetectorTrainer:
+class _DetectorTrainer(ResumableTrainer):
     def __init__(
         self,
         run_dir: Path,
@@ -330,7 +321,7 @@ class _DetectorTrainer:
         self.train_positions, self.val_positions = train_positions, val_positions
         self.config, self.device, self.context, self.progress = config, device, context, progress
         self.use_cuda_extras = device.type == "cuda"
-        seed_everything(_epoch_seed(config.seed, -1))
+        seed_everything(epoch_seed(config.seed, -1))
         self.model = create_detector(
             config.arch, config.backbone, pretrained=config.pretrained, image_size=config.size or cache.size,
             score_thresh=config.score_thresh, detections_per_img=config.detections_per_img,
@@ -356,52 +347,15 @@ class _DetectorTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_cuda_extras and config.amp)
         augment_config = AugmentConfig(hflip_probability=0.5 if config.hflip else 0.0)
         self.augment = BatchAugment(augment_config) if config.augment else None
-        self.epoch = 0
-        self.best_map = -math.inf
-        self.best_epoch = -1
-        self.epochs_since_best = 0
-        self.history: list[dict[str, Any]] = []
-        self.finished = False
+        self.init_bookkeeping()
         # The best epoch's validation detections, kept so finish() need not predict again
         # (absent after a resume: then finish() predicts with best.pt).
         self.best_predictions: BoxPredictions | None = None
 
     # -- state
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "augment": self.augment.state_dict() if self.augment else None,
-            "epoch": self.epoch,
-            "best_map": self.best_map,
-            "best_epoch": self.best_epoch,
-            "epochs_since_best": self.epochs_since_best,
-            "history": self.history,
-            "finished": self.finished,
-            "rng": rng_state(),
-            "model_config": self.model.config(),
-            "train_config": self.config.to_dict(),
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.augment and state.get("augment"):
-            self.augment.load_state_dict(state["augment"])
-        self.epoch = state["epoch"]
-        self.best_map, self.best_epoch = state["best_map"], state["best_epoch"]
-        self.epochs_since_best = state["epochs_since_best"]
-        self.history = state["history"]
-        self.finished = state.get("finished", False)
-        set_rng_state(state["rng"])
-
     # -- loader
     def _loader(self, epoch: int) -> DataLoader:
-        seed = _epoch_seed(self.config.seed, epoch)
+        seed = epoch_seed(self.config.seed, epoch)
         if self.context.enabled:
             sampler: Any = DistributedSampler(
                 self.dataset, num_replicas=self.context.world_size, rank=self.context.rank, shuffle=True,
@@ -421,7 +375,7 @@ class _DetectorTrainer:
     # -- one epoch
     def train_epoch(self) -> dict[str, Any]:
         epoch = self.epoch
-        seed = _epoch_seed(self.config.seed, epoch)
+        seed = epoch_seed(self.config.seed, epoch)
         torch.manual_seed(seed)
         if self.augment:
             self.augment.generator.manual_seed(seed + 1)
@@ -515,9 +469,9 @@ class _DetectorTrainer:
             summary, predictions = self.evaluate()
             value = summary["val_rsna_map"]
             selection = value if np.isfinite(value) else -1.0
-            improved = selection > self.best_map
+            improved = selection > self.best_score
             if improved:
-                self.best_map, self.best_epoch, self.epochs_since_best = selection, self.epoch, 0
+                self.best_score, self.best_epoch, self.epochs_since_best = selection, self.epoch, 0
                 self.best_predictions = predictions
             else:
                 self.epochs_since_best += 1
@@ -534,7 +488,7 @@ class _DetectorTrainer:
                         best_path,
                     )
                 atomic_torch_save(self.state(), last_path)
-                _append_jsonl(metrics_path, record)
+                append_jsonl(metrics_path, record)
                 log.info(
                     "detector epoch %d: train loss %.4f, val RSNA metric %.4f (score >= %.3f), %.1f img/s%s",
                     self.epoch, record.get("train_loss", float("nan")), value, summary["val_score_threshold"],
@@ -565,12 +519,12 @@ class _DetectorTrainer:
             )
             grid.to_csv(self.run_dir / POSTPROCESS_GRID_FILE, index=False)
             atomic_write_json(
-                {"best_epoch": int(best["epoch"]), "best_val_rsna_map": float(self.best_map),
+                {"best_epoch": int(best["epoch"]), "best_val_rsna_map": float(self.best_score),
                  "val_rsna_map_postprocessed": tuned_map, "postprocess": postprocess.to_dict(),
                  "epochs_run": self.epoch, "n_val": len(gt)},
                 self.run_dir / "val_summary.json",
             )
-        return DetectorTrainResult(self.run_dir, int(best["epoch"]), float(self.best_map), self.epoch, postprocess,
+        return DetectorTrainResult(self.run_dir, int(best["epoch"]), float(self.best_score), self.epoch, postprocess,
                                    tuned_map)
 
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from lungopacity.data.cache import PreparedCache
 from lungopacity.engine.common import Progress, resolve_device
