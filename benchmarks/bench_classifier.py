@@ -101,8 +101,10 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     train_classifier(cache, run, config)
     minutes = (time.perf_counter() - start) / 60
     metrics = evaluate_classifier(run, cache, "all", run / "evaluation", n_boot=args.n_boot, device=args.device)
-    epochs_run = [r["epoch"] for r in read_metrics_lines(run)]
-    epochs_text = f"<= {config.epochs} (ran {min(epochs_run)}-{max(epochs_run)} per fold, patience {config.patience})"
+    ran: dict[int, int] = {}
+    for record in read_metrics_lines(run):
+        ran[record["fold"]] = max(ran.get(record["fold"], 0), record["epoch"])
+    epochs_text = f"max {config.epochs}, ran {', '.join(str(ran[f]) for f in sorted(ran))}"
     print(f"\n### (a) {config.backbone}, pretrained {config.pretrained}, {args.folds}-fold out-of-fold\n")
     print(QUALITY_HEADER)
     print(quality_row(f"{config.backbone} ({config.pretrained})", LITE0, epochs_text, metrics, minutes))

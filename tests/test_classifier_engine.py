@@ -1,8 +1,9 @@
 """The classifier training engine: it learns, resumes exactly, trains in DDP, checkpoints atomically,
 writes honest out-of-fold predictions, and follows its recipes' learning-rate schedules.
 
-Mechanics tests use timm's 0.4 M-parameter ``test_resnet`` on 32 px inputs (the engine
-resizes the 64 px cache on the fly); the learning test uses a real small backbone at 128 px.
+Every test uses timm's 0.4 M-parameter ``test_resnet`` (a real ResNet, narrow and one block
+per stage): the mechanics tests on 32 px inputs (the engine resizes the 64 px cache on the fly),
+the learning test on 128 px phantoms.
 """
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ class ClassifierTrainConfig:
     drop_rate: float = 0.2
     label_smoothing: float = 0.0
     amp: bool = True  # CUDA only
-    channels_last: bool = True  # CUDA only
+    # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
+    # faster in channels_last there (BENCHMARKS.md).
+    channels_last: bool = True
     device: str = "auto"
     num_workers: int = 0
     max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
@@ -154,7 +156,7 @@ def predict_logits(
     if progress:
         progress.start("predict", len(dataset))
     for batch in loader:
-        x = _prepare_batch(batch["image"], device, size, channels_last=False)
+        x = _prepare_batch(batch["image"], device, size, channels_last=True)
         logits = torch.stack([model(x).float() for model in models]).mean(0)
         out.append(logits.cpu().numpy())
         if progress:
@@ -242,7 +244,7 @@ class _FoldTrainer(ResumableTrainer):
             config.backbone, pretrained=config.pretrained, num_classes=len(CLASS_NAMES), in_chans=1,
             drop_rate=config.drop_rate,
         ).to(device)
-        if self.use_cuda_extras and config.channels_last:
+        if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_model: torch.nn.Module = self.model
         if context.enabled:
@@ -310,7 +312,7 @@ class _FoldTrainer(ResumableTrainer):
             except StopIteration:
                 break
             wait_time += time.perf_counter() - t0
-            x = _prepare_batch(batch["image"], self.device, self.config.size, self.use_cuda_extras and self.config.channels_last)
+            x = _prepare_batch(batch["image"], self.device, self.config.size, self.config.channels_last)
             if self.augment:
                 x, _ = self.augment(x)
             y = batch["label"].to(self.device)

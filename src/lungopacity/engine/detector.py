@@ -465,6 +465,7 @@ class _DetectorTrainer(ResumableTrainer):
         last_path, best_path = self.run_dir / LAST_FILE, self.run_dir / BEST_FILE
         metrics_path = self.run_dir / METRICS_FILE
         while self.epoch < config.epochs and not self.finished:
+            epoch_lr = self.optimizer.param_groups[0]["lr"]  # the lr of this epoch's first step
             train_stats = self.train_epoch()
             summary, predictions = self.evaluate()
             value = summary["val_rsna_map"]
@@ -475,7 +476,7 @@ class _DetectorTrainer(ResumableTrainer):
                 self.best_predictions = predictions
             else:
                 self.epochs_since_best += 1
-            record = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_stats, **summary}
+            record = {"epoch": self.epoch + 1, "lr": epoch_lr, **train_stats, **summary}
             self.history.append(record)
             self.epoch += 1
             stop = broadcast_flag(self.epochs_since_best >= config.patience, self.context)
