@@ -59,6 +59,7 @@ class LoadReport:
     metadata_source: str = "none"
     n_missing_metadata: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)
+    unreadable_headers: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One paragraph a person can read."""
@@ -73,6 +74,8 @@ class LoadReport:
             parts.append(f"{len(self.images_without_labels)} images have no labels (skipped: {shown}...)")
         if self.boxes_clipped:
             parts.append(f"{len(self.boxes_clipped)} boxes reached past the image border and were clipped")
+        if self.unreadable_headers:
+            parts.append(f"{len(self.unreadable_headers)} DICOM headers unreadable (kept; decoding will report them)")
         parts.append(f"metadata from {self.metadata_source}")
         if self.n_missing_metadata:
             parts.append(f"{self.n_missing_metadata} patients lack sex, age or view")
@@ -275,12 +278,19 @@ def find_image_files(image_dir: str | Path) -> dict[str, Path]:
 
 def _metadata_from_headers(
     paths: pd.Series, progress: Callable[[int], None] | None
-) -> tuple[pd.DataFrame, list[tuple[int, int]]]:
+) -> tuple[pd.DataFrame, list[tuple[int, int]], list[str]]:
     sexes, ages, views, sizes = [], [], [], []
+    unreadable: list[str] = []
     for path in paths:
         path = Path(path)
         if path.suffix.lower() in (".dcm", ".dicom"):
-            header = read_dicom_header(path)
+            try:
+                header = read_dicom_header(path)
+            except ImageReadError as exc:
+                # Reported, not fatal: decoding the file later reports it again and skips it.
+                log.warning("%s (metadata unknown)", exc)
+                unreadable.append(str(path))
+                header = {"sex": None, "age": None, "view": None, "rows": None, "cols": None}
             sexes.append(header["sex"])
             ages.append(header["age"])
             views.append(header["view"])
@@ -297,7 +307,7 @@ def _metadata_from_headers(
             progress(1)
     meta = pd.DataFrame({"sex": pd.Series(sexes, dtype=object), "age": pd.Series(ages, dtype=float),
                          "view": pd.Series(views, dtype=object)})
-    return meta, sizes
+    return meta, sizes, unreadable
 
 
 def load_rsna(
@@ -336,7 +346,7 @@ def load_rsna(
         raise DataFormatError(folder, f"none of the {len(labels)} labelled patients has an image in {image_dir}")
     table.insert(1, "path", [str(images[pid]) for pid in table["patientId"]])
 
-    header_meta, sizes = _metadata_from_headers(table["path"], progress)
+    header_meta, sizes, report.unreadable_headers = _metadata_from_headers(table["path"], progress)
     table["orig_h"] = [s[0] for s in sizes]
     table["orig_w"] = [s[1] for s in sizes]
     is_dicom = table["path"].str.lower().str.endswith((".dcm", ".dicom"))
