@@ -58,6 +58,7 @@ from lungopacity.engine.common import (
 )
 from lungopacity.io.rsna import assign_folds
 from lungopacity.metrics.classification import one_vs_rest_auc, roc_auc
+from lungopacity.metrics.classification import softmax as softmax_np
 from lungopacity.models.classifier import OpacityClassifier, classifier_from_config, create_classifier
 
 log = logging.getLogger(__name__)
@@ -164,12 +165,6 @@ def predict_logits(
     if progress:
         progress.close()
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)), np.float32)
-
-
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def classification_summary(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:

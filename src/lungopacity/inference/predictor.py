@@ -34,6 +34,7 @@ from lungopacity.inference.schemas import Box, Prediction, Reading
 from lungopacity.io.dicom import parse_age, parse_sex, parse_view
 from lungopacity.io.errors import ImageReadError
 from lungopacity.io.images import DEFAULT_MAX_PIXELS, read_image
+from lungopacity.metrics.classification import softmax
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ class ImageInput:
     pixels: np.ndarray  # float32 [0, 1], original resolution
     header: dict[str, Any]
     read_seconds: float = 0.0
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def resolve_metadata(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -149,7 +143,7 @@ class Predictor:
             logits = self.onnx.classifier_logits(x.cpu().numpy())
         else:
             logits = torch.stack([m(x).float() for m in self.classifiers]).mean(0).cpu().numpy()
-        return _softmax(logits.astype(np.float64), self.temperature)
+        return softmax(logits.astype(np.float64), self.temperature)
 
     @torch.no_grad()
     def detect(self, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
