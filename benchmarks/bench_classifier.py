@@ -56,6 +56,11 @@ def cache_for(data: Path, out: Path, size: int, workers: int) -> Path:
     return cache
 
 
+def _tag_suffix(args: argparse.Namespace) -> str:
+    """Runs and results of one part with different settings side by side (``--tag``)."""
+    return f"_{args.tag}" if args.tag else ""
+
+
 def fresh_run_dir(path: Path) -> Path:
     """A benchmark run always starts from scratch (an old one would be refused)."""
     if path.exists():
@@ -91,10 +96,11 @@ QUALITY_HEADER = (
 def part_a(args: argparse.Namespace) -> dict[str, Any]:
     """EfficientNet-Lite0 (offline ImageNet weights), finetune recipe, k-fold OOF at 256 px."""
     cache = cache_for(args.data, args.out, LITE0["size"], args.workers)
-    run = fresh_run_dir(args.out / f"run_a_lite0_{args.folds}fold")
+    run = fresh_run_dir(args.out / f"run_a_lite0_{args.folds}fold{_tag_suffix(args)}")
     config = ClassifierTrainConfig(
         backbone=LITE0["backbone"], pretrained=LITE0["pretrained"], recipe=LITE0["recipe"], folds=args.folds,
         epochs=args.epochs or 15, batch_size=args.batch_size, max_steps_per_epoch=args.max_steps, seed=args.seed,
+        lr=args.lr,
         patience=args.patience, device=args.device, num_workers=args.loader_workers,
     )
     start = time.perf_counter()
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="(b) training budget")
     parser.add_argument("--max-steps", type=int, default=None, help="bound every epoch (smoke runs; (c) default 8)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=None, help="(a) peak learning rate (default: the recipe's)")
+    parser.add_argument("--tag", default="", help="suffix of the run folder and results file (keeps earlier runs)")
     parser.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without a better AUC")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the AUC intervals")
     parser.add_argument("--seed", type=int, default=0)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.part or ["c"]:
         result = {"a": part_a, "b": part_b, "c": part_c}[part](args)
         result["argv"] = sys.argv[1:]
-        (args.out / f"results_{part}.json").write_text(json.dumps(result, indent=2, default=str))
+        (args.out / f"results_{part}{_tag_suffix(args)}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

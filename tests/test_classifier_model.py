@@ -283,6 +283,33 @@ def test_efficientnet_lite0_weights_load_into_a_one_channel_model() -> None:
     assert three_class.pretrained_cfg["mean"] == [0.5] and three_class.pretrained_cfg["std"] == [0.5]
 
 
+def test_new_head_on_pretrained_features_starts_at_uniform_probabilities(tmp_path: Path) -> None:
+    # timm's own EfficientNet head init gives logits of std ~8 on grey images (loss 4-6);
+    # a head put on pretrained features must start near ln 3.
+    model = create_classifier("efficientnet_lite0", pretrained="efficientnet-lite0").eval()
+    head = model.model.classifier
+    assert torch.count_nonzero(head.bias) == 0
+    assert 0.008 < float(head.weight.std()) < 0.012
+    x = torch.rand(4, 1, 128, 128) * 0.6 + 0.2
+    with torch.no_grad():
+        logits = model(x)
+    assert float(logits.abs().max()) < 1.0
+    labels = torch.tensor([0, 1, 2, 0])
+    assert abs(float(F.cross_entropy(logits, labels)) - math.log(3)) < 0.1
+
+    # A file that carries a head of the right size keeps it, exactly.
+    trained = create_classifier(SMALL_BACKBONE)
+    with torch.no_grad():
+        trained.model.fc.weight.fill_(0.5)
+    path = save_classifier_weights(trained, tmp_path / "trained.safetensors")
+    assert torch.equal(create_classifier(SMALL_BACKBONE, pretrained=path).model.fc.weight, trained.model.fc.weight)
+    # A file whose head is dropped gets the small fresh head.
+    imagenet = create_classifier(SMALL_BACKBONE, num_classes=1000)
+    torch.save(imagenet.model.state_dict(), tmp_path / "imagenet.pth")
+    fresh = create_classifier(SMALL_BACKBONE, pretrained=tmp_path / "imagenet.pth").model.fc
+    assert torch.count_nonzero(fresh.bias) == 0 and float(fresh.weight.std()) < 0.012
+
+
 def test_efficientnet_lite0_weights_refuse_another_backbone() -> None:
     with pytest.raises(PretrainedWeightsError, match="--backbone efficientnet_lite0"):
         create_classifier("resnet18", pretrained="efficientnet-lite0")

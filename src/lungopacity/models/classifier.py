@@ -259,8 +259,12 @@ def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor], model_keys: set
     return state_dict
 
 
-def _load_into(timm_model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def _load_into(timm_model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> bool:
     """Load a timm-named state dict, adapting the stem's channels and dropping a head of another size.
+
+    Returns:
+        True when the classifier head came from ``state_dict``; False when it was dropped
+        (another number of classes) and is still newly initialised.
 
     Raises:
         PretrainedWeightsError: the state dict belongs to another architecture; the message
@@ -319,6 +323,28 @@ def _load_into(timm_model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
             f"{source}: not a state dict of {backbone} ({'; '.join(problems)})"
         )
     timm_model.load_state_dict(state_dict, strict=False)
+    return not dropped
+
+
+# Std of the weights of a classifier head put on pretrained features.
+FRESH_HEAD_STD = 0.01
+
+
+def _init_fresh_head(timm_model: nn.Module) -> None:
+    """Start a new head on pretrained features at (nearly) uniform class probabilities.
+
+    timm initialises EfficientNet-style heads uniformly in +-1/sqrt(num_classes): with
+    3 classes and 1,280 pooled ImageNet features that gives logits of std ~8 on chest
+    X-rays (initial loss 4-6 instead of ln 3), and the first epochs are spent unlearning
+    it while the large gradients disturb the pretrained backbone. A near-zero head (small
+    normal weights, zero bias) is the usual transfer-learning start.
+    """
+    head = timm_model.get_classifier() if hasattr(timm_model, "get_classifier") else None
+    if isinstance(head, (nn.Linear, nn.Conv2d)):
+        with torch.no_grad():
+            nn.init.normal_(head.weight, std=FRESH_HEAD_STD)
+            if head.bias is not None:
+                head.bias.zero_()
 
 
 # --------------------------------------------------------------------------- the module
@@ -512,6 +538,7 @@ def create_classifier(
         cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_NONE)
     elif choice == PRETRAINED_TIMM:
         timm_model = _create_from_timm_hub(backbone, num_classes, in_chans, drop_rate)
+        _init_fresh_head(timm_model)  # timm re-initialises a head of another size its own way
         cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_TIMM)
     elif choice == PRETRAINED_EFFICIENTNET_LITE0:
         if backbone.split(".", 1)[0] != EFFICIENTNET_LITE0_BACKBONE:
@@ -520,7 +547,8 @@ def create_classifier(
                 f"{EFFICIENTNET_LITE0_BACKBONE} only, not {backbone!r}: use --backbone {EFFICIENTNET_LITE0_BACKBONE}"
             )
         timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
-        _load_into(timm_model, load_efficientnet_lite0_state_dict(), f"{efficientnet_lite0_weights_path()}")
+        if not _load_into(timm_model, load_efficientnet_lite0_state_dict(), f"{efficientnet_lite0_weights_path()}"):
+            _init_fresh_head(timm_model)
         cfg = _pretrained_cfg(
             timm_model,
             backbone,
@@ -538,7 +566,8 @@ def create_classifier(
                 f"{path}: holds weights for backbone {file_config.get('backbone')!r}, not {backbone!r}"
             )
         timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
-        _load_into(timm_model, state_dict, str(path))
+        if not _load_into(timm_model, state_dict, str(path)):
+            _init_fresh_head(timm_model)
         # The file's own normalisation travels with it; a bare state dict is assumed to
         # follow timm's default config for the backbone.
         cfg = _pretrained_cfg(
