@@ -14,7 +14,7 @@ Parts (``--part``, several may be given; default ``c``):
 
 Runs (each prints a Markdown table and writes ``results_<part>.json`` under ``--out``)::
 
-    .venv/bin/python benchmarks/bench_classifier.py --part a --out bench-classifier           # long
+    .venv/bin/python benchmarks/bench_classifier.py --part a --out bench-classifier           # ~15 min (3 epochs x 5 folds)
     .venv/bin/python benchmarks/bench_classifier.py --part b --minutes 20 --out bench-classifier  # ~20 min
     .venv/bin/python benchmarks/bench_classifier.py --part c --max-steps 8 --out bench-classifier
     # smoke of (a): two folds, one bounded epoch
@@ -99,7 +99,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     run = fresh_run_dir(args.out / f"run_a_lite0_{args.folds}fold{_tag_suffix(args)}")
     config = ClassifierTrainConfig(
         backbone=LITE0["backbone"], pretrained=LITE0["pretrained"], recipe=LITE0["recipe"], folds=args.folds,
-        epochs=args.epochs or 15, batch_size=args.batch_size, max_steps_per_epoch=args.max_steps, seed=args.seed,
+        epochs=args.epochs or 3, batch_size=args.batch_size, max_steps_per_epoch=args.max_steps, seed=args.seed,
         lr=args.lr,
         patience=args.patience, device=args.device, num_workers=args.loader_workers,
     )
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=("a", "b", "c"), action="append", help="a, b and/or c (repeatable; default c)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="RSNA folder (default ../shared/data/rsna)")
     parser.add_argument("--out", type=Path, default=Path("bench-classifier"), help="caches, runs and results")
-    parser.add_argument("--epochs", type=int, default=None, help="(a) epochs per fold, default 15; (b) upper bound")
+    parser.add_argument("--epochs", type=int, default=None, help="(a) epochs per fold, default 3 (BENCHMARKS.md); (b) upper bound")
     parser.add_argument("--folds", type=int, default=5, help="(a) k of the k-fold")
     parser.add_argument("--minutes", type=float, default=20.0, help="(b) training budget")
     parser.add_argument("--max-steps", type=int, default=None, help="bound every epoch (smoke runs; (c) default 8)")
