@@ -146,3 +146,33 @@ def test_temperature_scaling_lowers_calibration_error(tiny_demo) -> None:
     result = calibrate(held_out)
     assert result.temperature > 1.0
     assert result.ece_after < result.ece_before
+
+
+def test_model_card_carries_the_fusion_comparison_and_warns_when_fusion_loses(
+    tiny_demo, tmp_path: Path, caplog
+) -> None:
+    from lungopacity.inference.bundle import FUSION_METRICS_FILE, build_bundle
+
+    paths = tiny_demo.paths
+    fusion = tmp_path / "fusion"
+    shutil.copytree(paths["fusion"], fusion)
+    report = json.loads((fusion / FUSION_METRICS_FILE).read_text())
+    report["models"]["image-only"]["auc"] = 0.90
+    report["models"]["fusion"]["auc"] = 0.85
+    report["comparisons"]["fusion_vs_image-only"]["delong_p"] = 0.0123
+    (fusion / FUSION_METRICS_FILE).write_text(json.dumps(report))
+
+    with caplog.at_level("WARNING", logger="lungopacity.inference.bundle"):
+        build_bundle(tmp_path / "worse", paths["classifier"], fusion_dir=fusion, cache_dir=paths["cache"])
+    card = read_manifest(tmp_path / "worse")["model_card"]["validation"]["fusion_comparison"]
+    assert card["held_out_auc"]["fusion"] == 0.85 and card["held_out_auc"]["image-only"] == 0.90
+    assert card["fusion_vs_image_delong_p"] == 0.0123
+    assert "below the image classifier's 0.9000" in caplog.text and "without --fusion" in caplog.text
+
+    caplog.clear()
+    report["models"]["fusion"]["auc"] = 0.95
+    (fusion / FUSION_METRICS_FILE).write_text(json.dumps(report))
+    with caplog.at_level("WARNING", logger="lungopacity.inference.bundle"):
+        build_bundle(tmp_path / "better", paths["classifier"], fusion_dir=fusion, cache_dir=paths["cache"])
+    assert "below the image classifier" not in caplog.text
+    assert read_manifest(tmp_path / "better")["model_card"]["validation"]["fusion_comparison"]["held_out_auc"]["fusion"] == 0.95

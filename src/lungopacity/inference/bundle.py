@@ -132,6 +132,43 @@ def calibrate(held_out: pd.DataFrame, figure: Path | None = None) -> Calibration
     return result
 
 
+# Written by train-fusion: held-out (cross-fitted) AUCs of metadata-only, image-only and fusion.
+FUSION_METRICS_FILE = Path("report") / "fusion_metrics.json"
+
+
+def _fusion_comparison(fusion_dir: Path) -> dict[str, Any] | None:
+    """The fusion folder's cross-fitted comparison for the model card, with a warning when fusion loses.
+
+    ``fused_opacity_auc`` in the card is measured on patients the fusion network trained
+    on; this comparison is the unbiased one. When fusion scores below the image alone the
+    bundle still uses it (that is what was asked for), but the user is told how to build
+    one without it.
+    """
+    path = fusion_dir / FUSION_METRICS_FILE
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        aucs = {name: float(entry["auc"]) for name, entry in report["models"].items()}
+        versus_image = report.get("comparisons", {}).get("fusion_vs_image-only", {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable fusion comparison (%s); the model card goes without it", path, exc)
+        return None
+    comparison: dict[str, Any] = {"held_out_auc": aucs, "n_patients": report.get("n_patients")}
+    if "delong_p" in versus_image:
+        comparison["fusion_vs_image_delong_p"] = float(versus_image["delong_p"])
+    fusion_auc, image_auc = aucs.get("fusion"), aucs.get("image-only")
+    if fusion_auc is not None and image_auc is not None and fusion_auc < image_auc:
+        log.warning(
+            "%s: the fusion network's held-out AUC %.4f is below the image classifier's %.4f "
+            "(DeLong p = %s); the bundle's P(opacity) is the fused one: build it without --fusion "
+            "to use the classifier's",
+            fusion_dir, fusion_auc, image_auc,
+            f"{comparison['fusion_vs_image_delong_p']:.3g}" if "fusion_vs_image_delong_p" in comparison else "n/a",
+        )
+    return comparison
+
+
 def build_bundle(
     out: str | Path,
     classifier_run: str | Path,
@@ -198,6 +235,9 @@ def build_bundle(
             rows[f"p_{key}"] = probs[:, k]
         opacity_score = fusion.predict(rows.drop(columns=["patientId"])).probability
         card_metrics["fused_opacity_auc"] = float(roc_auc(target, opacity_score))
+        comparison = _fusion_comparison(fusion_dir)
+        if comparison is not None:
+            card_metrics["fusion_comparison"] = comparison
         fusion_entry = {
             "dir": "fusion",
             "features": list(fusion.features),
