@@ -335,7 +335,7 @@ def _init_fresh_head(timm_model: nn.Module) -> None:
 
     timm initialises EfficientNet-style heads uniformly in +-1/sqrt(num_classes): with
     3 classes and 1,280 pooled ImageNet features that gives logits of std ~8 on chest
-    X-rays (initial loss 4-6 instead of ln 3), and the first epochs are spent unlearning
+    X-rays (first-epoch loss 2.3-2.7 instead of about ln 3), and the first epochs are spent unlearning
     it while the large gradients disturb the pretrained backbone. A near-zero head (small
     normal weights, zero bias) is the usual transfer-learning start.
     """
@@ -538,7 +538,8 @@ def create_classifier(
         cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_NONE)
     elif choice == PRETRAINED_TIMM:
         timm_model = _create_from_timm_hub(backbone, num_classes, in_chans, drop_rate)
-        _init_fresh_head(timm_model)  # timm re-initialises a head of another size its own way
+        if num_classes != int(getattr(timm_model, "pretrained_cfg", {}).get("num_classes", -1)):
+            _init_fresh_head(timm_model)  # timm re-initialised the head of another size its own way
         cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_TIMM)
     elif choice == PRETRAINED_EFFICIENTNET_LITE0:
         if backbone.split(".", 1)[0] != EFFICIENTNET_LITE0_BACKBONE:
