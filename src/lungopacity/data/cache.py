@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from lungopacity import __version__
+from lungopacity.data.preprocess import decode_prepared
 from lungopacity.io.errors import DataFormatError, ImageReadError
-from lungopacity.io.images import read_image
 from lungopacity.io.rsna import load_rsna, make_splits
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,9 @@ IMAGES_FILE, STATUS_FILE, INDEX_FILE, META_FILE, ERRORS_FILE = (
 )
 
 
-def resize_to_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
-    """float [0, 1] image -> uint8 ``size x size`` (antialiased bilinear; one rounding)."""
-    from PIL import Image
-
-    if pixels.shape != (size, size):
-        img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-        pixels = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-
-
 def prepare_one(path: str | Path, size: int) -> np.ndarray:
     """Decode one image file and resize it as the cache does (uint8 ``size x size``)."""
-    pixels, _ = read_image(path, min_size=size)
-    return resize_to_uint8(pixels, size)
+    return decode_prepared(path, size)[0]
 
 
 # ----------------------------------------------------------------- worker processes

@@ -1,8 +1,9 @@
 """Torch datasets over a prepared cache.
 
 Samples stay uint8 until they reach the training device: the loader only slices the
-memory map, the float conversion and augmentation happen on the batch there
-(see :mod:`lungopacity.data.transforms`), so the loader is never the bottleneck.
+memory map; :func:`lungopacity.data.preprocess.network_input` turns the batch into the
+network's input there and augmentation runs on it (see :mod:`lungopacity.data.transforms`),
+so the loader is never the bottleneck.
 """
 
 from __future__ import annotations
@@ -67,8 +68,3 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "boxes": [s["boxes"] for s in samples],
         "position": torch.tensor([s["position"] for s in samples], dtype=torch.int64),
     }
-
-
-def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] (the package's pixel convention)."""
-    return images.float().div_(255.0)

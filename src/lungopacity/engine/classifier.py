@@ -34,7 +34,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lungopacity.constants import CLASS_KEYS, CLASS_NAMES, LUNG_OPACITY
 from lungopacity.data.cache import PreparedCache
-from lungopacity.data.datasets import CacheDataset, collate_samples, to_unit_float
+from lungopacity.data.datasets import CacheDataset, collate_samples
+from lungopacity.data.preprocess import network_input
 from lungopacity.data.transforms import AugmentConfig, BatchAugment
 from lungopacity.engine.checkpoint import (
     atomic_torch_save,
@@ -126,15 +127,6 @@ class TrainResult:
 # ----------------------------------------------------------------------- helpers
 
 
-def _prepare_batch(images: torch.Tensor, device: torch.device, size: int | None, channels_last: bool) -> torch.Tensor:
-    x = to_unit_float(images.to(device, non_blocking=True))
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 @torch.no_grad()
 def predict_logits(
     models: list[OpacityClassifier] | OpacityClassifier,
@@ -157,7 +149,7 @@ def predict_logits(
     if progress:
         progress.start("predict", len(dataset))
     for batch in loader:
-        x = _prepare_batch(batch["image"], device, size, channels_last=True)
+        x = network_input(batch["image"], size=size, device=device, channels_last=True)
         logits = torch.stack([model(x).float() for model in models]).mean(0)
         out.append(logits.cpu().numpy())
         if progress:
@@ -307,7 +299,7 @@ class _FoldTrainer(ResumableTrainer):
             except StopIteration:
                 break
             wait_time += time.perf_counter() - t0
-            x = _prepare_batch(batch["image"], self.device, self.config.size, self.config.channels_last)
+            x = network_input(batch["image"], size=self.config.size, device=self.device, channels_last=self.config.channels_last)
             if self.augment:
                 x, _ = self.augment(x)
             y = batch["label"].to(self.device)

@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from lungopacity.data.cache import PreparedCache
-from lungopacity.data.datasets import CacheDataset, collate_samples, to_unit_float
+from lungopacity.data.datasets import CacheDataset, collate_samples
+from lungopacity.data.preprocess import network_input
 from lungopacity.data.transforms import AugmentConfig, BatchAugment
 from lungopacity.engine.checkpoint import (
     atomic_torch_save,
@@ -185,7 +186,7 @@ def prepare_detection_batch(
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """A collated cache batch -> (list of ``(1, S, S)`` float images, targets), augmented
     on ``device`` with the boxes moved along with the pixels."""
-    images = to_unit_float(batch["image"].to(device, non_blocking=True))
+    images = network_input(batch["image"], device=device)
     boxes = [b.to(device) for b in batch["boxes"]]
     if augment is not None:
         images, moved = augment(images, boxes)
@@ -258,7 +259,7 @@ def predict_boxes(
     if progress:
         progress.start("predict", len(dataset))
     for batch in loader:
-        images = to_unit_float(batch["image"].to(device, non_blocking=True))
+        images = network_input(batch["image"], device=device)
         width = images.shape[-1]
         per_image: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(images))]
         for model in model_list:

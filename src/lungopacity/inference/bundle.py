@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from lungopacity import __version__
 from lungopacity.constants import CLASS_KEYS, CLASS_NAMES, LUNG_OPACITY
 from lungopacity.engine.checkpoint import atomic_write_json
+from lungopacity.errors import BundleError
 from lungopacity.metrics.classification import (
     expected_calibration_error,
     fit_temperature,
@@ -53,10 +54,6 @@ BUNDLE_FORMAT = "lungopacity-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 LOGIT_COLUMNS = tuple(f"logit_{key}" for key in CLASS_KEYS)
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used: incompatible version, a missing or damaged part."""
 
 
 def _sha256(path: Path) -> str:

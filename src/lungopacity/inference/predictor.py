@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lungopacity.constants import CLASS_KEYS, LUNG_OPACITY
-from lungopacity.data.cache import resize_to_uint8
+from lungopacity.data.preprocess import network_input, prepare_image
 from lungopacity.inference.bundle import (
     BundleError,
     load_classifiers,
@@ -131,8 +131,8 @@ class Predictor:
         return ImageInput(image_id, pixels, header, time.perf_counter() - start)
 
     def _network_input(self, images: Sequence[ImageInput], size: int) -> torch.Tensor:
-        batch = np.stack([resize_to_uint8(img.pixels, size) for img in images])
-        return torch.from_numpy(batch).float().div_(255.0)[:, None].to(self.device)
+        batch = np.stack([prepare_image(img.pixels, size) for img in images])
+        return network_input(batch, device=self.device)
 
     # -------------------------------------------------------------- prediction
 

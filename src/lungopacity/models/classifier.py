@@ -30,6 +30,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from lungopacity.constants import CLASS_NAMES
+from lungopacity.errors import PretrainedWeightsError
 from lungopacity.models import weights
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ _OFFLINE_ALTERNATIVES = (
     f"--pretrained {PRETRAINED_EFFICIENTNET_LITE0}`, or a local weight file with `--pretrained PATH` "
     f"({', '.join(WEIGHT_FILE_SUFFIXES)}), or random initialisation with `--pretrained {PRETRAINED_NONE}`"
 )
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be obtained or do not fit the requested model."""
 
 
 # --------------------------------------------------------------------------- helpers
