@@ -67,9 +67,9 @@ def main() -> None:
         images = [predictor.load(f, name=str(f)) for f in files]
         for batch in (1, 16):
             chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
-            x_cls = [predictor._network_input(c, predictor.input_size) for c in chunks]
+            x_cls = [predictor.classifier_input(c) for c in chunks]
             has_detector = predictor.detector is not None or (predictor.onnx is not None and predictor.onnx.has_detector)
-            x_det = [predictor._network_input(c, predictor.detector_input_size) for c in chunks] if has_detector else []
+            x_det = [predictor.detector_input(c) for c in chunks] if has_detector else []
 
             def bare() -> None:
                 with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Post-processing of detections: NMS, WBF, shrink, gating, the tuned threshold (engine/postprocess.py)."""
+"""Post-processing of detections: NMS, WBF, shrink, gating, the tuned threshold (postprocess.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lungopacity.engine.postprocess import (
+from lungopacity.postprocess import (
     PostprocessConfig,
     apply_postprocess,
     apply_postprocess_all,

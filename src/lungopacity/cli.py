@@ -1,8 +1,11 @@
 """The ``lungopacity`` command line: a thin Typer layer over the library.
 
 Every command parses options, calls one library function, and prints what it did
-and where the results are. Errors the user can fix (bad files, bad tables) are printed
-as one line and exit with status 2, without a traceback.
+and where the results are. Errors the user can fix — everything the library raises
+on purpose (:class:`lungopacity.errors.LungOpacityError`: bad files, bad tables, bad
+settings, damaged bundles or runs) and file-system errors — are printed as one line
+on stderr and exit with status 1, without a traceback (status 2 is Click's, for
+usage errors).
 """
 
 from __future__ import annotations
@@ -39,19 +42,26 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+#: Exit status of a command that failed on a library error (Click uses 2 for usage errors).
+EXIT_LIBRARY_ERROR = 1
+
+
 def user_errors(func: F) -> F:
-    """Turn the library's input errors into one line on stderr and exit status 2."""
+    """Turn the library's errors into one line on stderr and exit status 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from lungopacity.inference.bundle import BundleError
-        from lungopacity.io.errors import DataFormatError, ImageReadError
+        from lungopacity.errors import LungOpacityError
 
         try:
             return func(*args, **kwargs)
-        except (DataFormatError, ImageReadError, FileNotFoundError, FileExistsError, BundleError) as exc:
+        except LungOpacityError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=EXIT_LIBRARY_ERROR) from None
+        except OSError as exc:  # a path that does not exist, no permission, disk full
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            raise typer.Exit(code=EXIT_LIBRARY_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -349,8 +359,7 @@ def train_fusion_command(
     from lungopacity.engine.fusion import train_fusion_run
 
     if (cache is None) == (data is None):
-        typer.echo("error: give exactly one of --cache or --data", err=True)
-        raise typer.Exit(code=2)
+        raise typer.BadParameter("give exactly one of --cache or --data", param_hint="--cache/--data")
     metrics = train_fusion_run(oof, out, cache_dir=cache, data_dir=data, seed=seed, n_bootstrap=n_bootstrap)
     models = metrics.get("models", {})
     parts = [f"{name} AUC {m.get('auc', float('nan')):.4f}" for name, m in models.items() if isinstance(m, dict)]
@@ -378,7 +387,7 @@ def bundle_command(
     Fits the calibration temperature on the classifier's held-out predictions (with a
     reliability diagram, OUT/calibration.png) and chooses the operating threshold.
     """
-    from lungopacity.inference.bundle import build_bundle
+    from lungopacity.engine.bundle import build_bundle
 
     path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector, cache_dir=cache,
                         target_sensitivity=sensitivity, detector_postprocess=detector_postprocess)
@@ -435,6 +444,7 @@ def export_onnx_command(bundle: Path = typer.Argument(..., help="Model bundle fo
 
 
 @app.command("serve")
+@user_errors
 def serve_command(
     bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
     host: str = typer.Option("127.0.0.1", "--host"),
@@ -444,8 +454,10 @@ def serve_command(
     queue: int = typer.Option(8, "--queue", help="Requests that may wait; more get 503."),
 ) -> None:
     """Serve the web page and HTTP API for reading one chest X-ray at a time."""
+    from lungopacity.inference.bundle import read_manifest
     from lungopacity.service.app import serve
 
+    read_manifest(bundle)  # a missing or damaged bundle stops here, as one line, before the server starts
     typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /openapi.json)")
     serve(bundle, host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20),
           max_concurrent=concurrency, max_queue=queue)

@@ -68,12 +68,16 @@ def run_demo(
     from lungopacity.engine.evaluate import evaluate_classifier
     from lungopacity.engine.fusion import train_fusion_run
     from lungopacity.inference.batch import predict_to_folder
-    from lungopacity.inference.bundle import build_bundle
+    from lungopacity.engine.bundle import build_bundle
     from lungopacity.inference.predictor import Predictor
     from lungopacity.synthetic import write_demo_dataset
 
+    from lungopacity.errors import ConfigError
+
     settings = settings or DemoSettings()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(out, "is a file; --out must be a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out)
     paths = result.paths

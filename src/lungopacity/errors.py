@@ -55,7 +55,7 @@ class DataFormatError(LungOpacityError, ValueError):
 
 
 class ConfigError(LungOpacityError, ValueError):
-    """A setting or option value is not allowed (``source`` names the option)."""
+    """A setting, option or argument value is not allowed (``source`` names the option, if any)."""
 
 
 class RunFolderError(LungOpacityError, FileNotFoundError):

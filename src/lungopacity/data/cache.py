@@ -35,6 +35,7 @@ import pandas as pd
 
 from lungopacity import __version__
 from lungopacity.data.preprocess import decode_prepared
+from lungopacity.errors import ConfigError
 from lungopacity.io.errors import DataFormatError, ImageReadError
 from lungopacity.io.rsna import load_rsna, make_splits
 
@@ -151,7 +152,7 @@ class PreparedCache:
         mask = (self.table["status"] == "ok").to_numpy().copy()
         if split not in (None, "all"):
             if split not in ("train", "val"):
-                raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+                raise ConfigError(f"split must be 'train', 'val' or 'all', got {split!r}")
             mask &= (self.table["split"] == split).to_numpy()
         if folds is not None:
             mask &= self.table["fold"].isin(list(folds)).to_numpy()

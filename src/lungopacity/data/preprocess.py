@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lungopacity.errors import ConfigError
+
 #: Window policies of the readers (see :func:`lungopacity.io.read_image`).
 WINDOW_POLICIES: tuple[str, ...] = ("none",)
 
@@ -67,8 +69,6 @@ def decode_prepared(
     if max_pixels is not None:
         kwargs["max_pixels"] = max_pixels
     pixels, header = read_image(source, **kwargs)
-    if header.get("rows") is None or header.get("cols") is None:
-        header = {**header, "rows": int(pixels.shape[0]), "cols": int(pixels.shape[1])}
     return prepare_image(pixels, size), header
 
 
@@ -89,7 +89,7 @@ def network_input(
     """
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
-        raise TypeError(f"network_input takes prepared uint8 images, got {x.dtype}")
+        raise ConfigError(f"network_input takes prepared uint8 images, got {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
     x = x.to(device, non_blocking=True).float().div_(255.0)

@@ -20,7 +20,7 @@ A run folder holds
 * ``val_predictions.csv`` — the best model's raw detections on the validation patients,
   in the submission format (original pixels);
 * ``postprocess.json`` / ``postprocess_grid.csv`` — the post-processing tuned on those
-  predictions (:mod:`lungopacity.engine.postprocess`; no gating: the classifier is not
+  predictions (:mod:`lungopacity.postprocess`; no gating: the classifier is not
   part of this run) and every setting tried.
 
 Each epoch's shuffle, augmentation and randomness are seeded from (seed, epoch), so a run
@@ -68,7 +68,7 @@ from lungopacity.engine.common import (
     init_distributed,
     resolve_device,
 )
-from lungopacity.engine.postprocess import (
+from lungopacity.postprocess import (
     PostprocessConfig,
     load_postprocess,
     rsna_map_by_threshold,

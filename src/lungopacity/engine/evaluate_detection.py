@@ -11,7 +11,7 @@ three variants and writes a report folder:
 
 Settings tuned on the patients they are scored on flatter themselves, so each re-tuned
 variant also reports a cross-fitted metric (tuned on one half, scored on the other;
-:func:`lungopacity.engine.postprocess.cross_fitted_rsna_map`), the number to quote.
+:func:`lungopacity.postprocess.cross_fitted_rsna_map`), the number to quote.
 
 The folder gets ``report.json``, ``report.md``, ``per_patient.csv``,
 ``postprocess_grid_<variant>.csv``, ``best_cases.png`` and ``worst_cases.png`` (every box of
@@ -33,7 +33,7 @@ import pandas as pd
 from lungopacity.data.cache import PreparedCache
 from lungopacity.engine.common import Progress, resolve_device
 from lungopacity.engine.detector import gt_boxes, load_detector_run, predict_boxes
-from lungopacity.engine.postprocess import (
+from lungopacity.postprocess import (
     PostprocessConfig,
     apply_postprocess_all,
     cross_fitted_rsna_map,

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungopacity.errors import BundleError
+
 log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
@@ -83,7 +85,7 @@ def export_onnx(bundle_dir: str | Path) -> dict[str, Path]:
     out.mkdir(exist_ok=True)
     device = torch.device("cpu")
     written: dict[str, Path] = {}
-    size = int(manifest["classifier"]["input_size"])
+    size = manifest.classifier.preprocessing.input_size
     ensemble = ClassifierEnsemble(load_classifiers(bundle_dir, manifest, device)).eval()
     _export(ensemble, torch.rand(2, 1, size, size), out / "classifier.onnx", ["image"], ["logits"])
     written["classifier"] = out / "classifier.onnx"
@@ -93,7 +95,7 @@ def export_onnx(bundle_dir: str | Path) -> dict[str, Path]:
         if detector.config().get("arch") != "retinanet":
             log.warning("ONNX export covers the RetinaNet detector only; this bundle's detector runs with PyTorch")
         else:
-            dsize = int(manifest["detector"]["input_size"])
+            dsize = manifest.detector.preprocessing.input_size
             _export(DenseRetinaNet(detector).eval(), torch.rand(2, 1, dsize, dsize), out / "detector.onnx",
                     ["image"], ["cls_logits", "bbox_regression"])
             anchors, per_level = _anchors_for_size(detector, dsize)
@@ -159,11 +161,9 @@ class OnnxModels:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path) -> OnnxModels:
-        from lungopacity.inference.bundle import BundleError
-
         folder = Path(bundle_dir) / ONNX_DIR
         if not (folder / "classifier.onnx").exists():
-            raise BundleError(f"{bundle_dir}: no ONNX models; run `lungopacity export-onnx {bundle_dir}` first")
+            raise BundleError(bundle_dir, f"no ONNX models; run `lungopacity export-onnx {bundle_dir}` first")
         return cls(folder)
 
     @property
@@ -174,7 +174,7 @@ class OnnxModels:
         return self.classifier.run(None, {"image": x.astype(np.float32)})[0]
 
     def detect(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        from lungopacity.engine.postprocess import nms
+        from lungopacity.postprocess import nms
 
         assert self.detector is not None
         cls_logits, deltas = self.detector.run(None, {"image": x.astype(np.float32)})

@@ -1,7 +1,8 @@
 """The predictor: a bundle loaded once, radiographs in, readings out.
 
-For each image: read it (one pixel convention, :func:`lungopacity.io.read_image`), resize
-as the training cache did, run the classifier ensemble (logits averaged, divided by the
+For each image: decode it to the prepared size exactly as the training cache did, and
+make the network input with the same function training used
+(:mod:`lungopacity.data.preprocess`), run the classifier ensemble (logits averaged, divided by the
 calibration temperature), fuse the class probabilities with sex / age / view (the
 fusion network and its missing-data rule), compare with the operating threshold, and
 find the opacity boxes with the detector (scores gated by P(opacity), post-processed
@@ -14,7 +15,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +23,16 @@ import numpy as np
 import torch
 
 from lungopacity.constants import CLASS_KEYS, LUNG_OPACITY
-from lungopacity.data.preprocess import network_input, prepare_image
-from lungopacity.inference.bundle import (
-    BundleError,
-    load_classifiers,
-    load_detector,
-    load_fusion_part,
-    read_manifest,
-)
+from lungopacity.data.preprocess import decode_prepared, network_input
+from lungopacity.errors import BundleError, ConfigError
+from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
+from lungopacity.inference.manifest import BundleManifest
 from lungopacity.inference.schemas import Box, Prediction, Reading
 from lungopacity.io.dicom import parse_age, parse_sex, parse_view
 from lungopacity.io.errors import ImageReadError
 from lungopacity.io.images import DEFAULT_MAX_PIXELS, read_image
 from lungopacity.metrics.classification import softmax
+from lungopacity.postprocess import PostprocessConfig, apply_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +41,31 @@ METADATA_FIELDS = ("sex", "age", "view")
 
 @dataclass
 class ImageInput:
-    """One decoded image waiting for prediction."""
+    """One decoded image waiting for prediction.
+
+    ``prepared`` holds the image as the training caches held it (uint8, one entry per
+    prepared size the bundle's networks need); the full-resolution pixels for pictures
+    are decoded from ``data`` only when asked for (:meth:`full_pixels`).
+    """
 
     id: str
-    pixels: np.ndarray  # float32 [0, 1], original resolution
+    data: bytes = field(repr=False)
     header: dict[str, Any]
+    prepared: dict[int, np.ndarray] = field(repr=False)
     read_seconds: float = 0.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    _pixels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(rows, cols) of the original image."""
+        return int(self.header["rows"]), int(self.header["cols"])
+
+    def full_pixels(self) -> np.ndarray:
+        """The image at its original resolution, float32 in [0, 1] (decoded once, on demand)."""
+        if self._pixels is None:
+            self._pixels, _ = read_image(self.data, name=self.id, max_pixels=self.max_pixels)
+        return self._pixels
 
 
 def resolve_metadata(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,19 +81,21 @@ def resolve_metadata(header: dict[str, Any], overrides: dict[str, Any] | None = 
 class Predictor:
     """Everything needed to read radiographs, loaded from a bundle without training code paths."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], device: torch.device, max_pixels: int) -> None:
+    def __init__(self, path: Path, manifest: BundleManifest, device: torch.device, max_pixels: int) -> None:
         self.path, self.manifest, self.device, self.max_pixels = path, manifest, device, max_pixels
-        classifier = manifest["classifier"]
         self.classifiers = load_classifiers(path, manifest, device)
-        self.temperature = float(classifier["temperature"])
-        self.input_size = int(classifier["input_size"])
+        self.temperature = manifest.classifier.temperature
+        self.classifier_preprocessing = manifest.classifier.preprocessing
+        self.input_size = self.classifier_preprocessing.input_size
         self.fusion = load_fusion_part(path, manifest)
         self.detector = load_detector(path, manifest, device)
-        detector = manifest.get("detector") or {}
-        self.detector_input_size = int(detector.get("input_size", 0))
-        self.postprocess = detector.get("postprocess") or {}
-        self.threshold = float(manifest["threshold"]["value"])
+        self.detector_preprocessing = manifest.detector.preprocessing if manifest.detector else None
+        self.postprocess = PostprocessConfig.from_dict(manifest.detector.postprocess) if manifest.detector else None
+        self.threshold = manifest.threshold.value
         self.onnx = None
+        self.prepared_sizes = sorted(
+            {p.prepared_size for p in (self.classifier_preprocessing, self.detector_preprocessing) if p is not None}
+        )
 
     @classmethod
     def from_bundle(
@@ -100,39 +119,65 @@ class Predictor:
             BundleError: incompatible version, a missing or damaged part.
         """
         path = Path(path)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError("--device", f"{device!r} is not a device ({exc})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device", f"{device} was asked for but this machine has no usable CUDA GPU; use cpu")
         manifest = read_manifest(path)
-        predictor = cls(path, manifest, torch.device(device), max_pixels)
+        predictor = cls(path, manifest, device, max_pixels)
         if runtime == "onnx":
             from lungopacity.inference.onnx import OnnxModels
 
             predictor.onnx = OnnxModels.from_bundle(path)
         elif runtime != "torch":
-            raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+            raise ConfigError("--runtime", f"must be 'torch' or 'onnx', got {runtime!r}")
         log.info("loaded bundle %s (%s)", path, predictor.version)
         return predictor
 
     @property
     def version(self) -> str:
-        return f"lungopacity {self.manifest['lungopacity_version']} bundle {self.manifest['created']}"
+        return f"lungopacity {self.manifest.lungopacity_version} bundle {self.manifest.created}"
 
     @property
     def model_card(self) -> dict[str, Any]:
-        return self.manifest.get("model_card", {})
+        return self.manifest.model_card
 
     # ----------------------------------------------------------------- inputs
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> ImageInput:
         """Read one file (or its bytes) into an :class:`ImageInput`; raises ImageReadError."""
         start = time.perf_counter()
-        pixels, header = read_image(source, name=name, max_pixels=self.max_pixels)
         if name is None:
             name = Path(str(source)).name
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            try:
+                data = Path(source).read_bytes()
+            except OSError as exc:
+                raise ImageReadError(source, f"cannot read the file ({exc.strerror or exc})") from None
+        prepared: dict[int, np.ndarray] = {}
+        header: dict[str, Any] = {}
+        for size in self.prepared_sizes:
+            prepared[size], header = decode_prepared(data, size, name=name, max_pixels=self.max_pixels)
         image_id = Path(name).stem if name else "image"
-        return ImageInput(image_id, pixels, header, time.perf_counter() - start)
+        return ImageInput(image_id, data, header, prepared, time.perf_counter() - start, self.max_pixels)
 
-    def _network_input(self, images: Sequence[ImageInput], size: int) -> torch.Tensor:
-        batch = np.stack([prepare_image(img.pixels, size) for img in images])
-        return network_input(batch, device=self.device)
+    def network_batch(self, images: Sequence[ImageInput], prepared_size: int, input_size: int | None = None) -> torch.Tensor:
+        """The network input of a batch: the same :func:`network_input` as in training."""
+        batch = np.stack([img.prepared[prepared_size] for img in images])
+        return network_input(batch, size=input_size, device=self.device)
+
+    def classifier_input(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        p = self.classifier_preprocessing
+        return self.network_batch(images, p.prepared_size, p.input_size)
+
+    def detector_input(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        assert self.detector_preprocessing is not None
+        p = self.detector_preprocessing
+        return self.network_batch(images, p.prepared_size, p.input_size)
 
     # -------------------------------------------------------------- prediction
 
@@ -161,7 +206,7 @@ class Predictor:
             return []
         overrides = overrides or [None] * len(images)
         t0 = time.perf_counter()
-        probs = self.classify(self._network_input(images, self.input_size))
+        probs = self.classify(self.classifier_input(images))
         t1 = time.perf_counter()
         metadata = [resolve_metadata(img.header, o) for img, o in zip(images, overrides)]
         if self.fusion is not None:
@@ -175,7 +220,7 @@ class Predictor:
         t2 = time.perf_counter()
         boxes_per_image: list[list[Box]] = [[] for _ in images]
         if self.detector is not None or (self.onnx is not None and self.onnx.has_detector):
-            raw = self.detect(self._network_input(images, self.detector_input_size))
+            raw = self.detect(self.detector_input(images))
             for i, (img, (boxes, scores)) in enumerate(zip(images, raw)):
                 boxes_per_image[i] = self._final_boxes(img, boxes, scores, float(opacity[i]))
         t3 = time.perf_counter()
@@ -183,7 +228,6 @@ class Predictor:
         n = len(images)
         for i, img in enumerate(images):
             decision = bool(opacity[i] >= self.threshold)
-            rows, cols = img.pixels.shape
             predictions.append(
                 Prediction(
                     id=img.id,
@@ -194,7 +238,7 @@ class Predictor:
                     boxes=boxes_per_image[i] if decision else [],
                     metadata=metadata[i],
                     missing=missing[i],
-                    image_size=(int(img.header.get("rows") or rows), int(img.header.get("cols") or cols)),
+                    image_size=img.size,
                     timings={
                         "read": round(img.read_seconds, 4),
                         "classify": round((t1 - t0) / n, 4),
@@ -207,14 +251,12 @@ class Predictor:
         return predictions
 
     def _final_boxes(self, img: ImageInput, boxes: np.ndarray, scores: np.ndarray, p_opacity: float) -> list[Box]:
-        from lungopacity.engine.postprocess import PostprocessConfig, apply_postprocess
-
-        rows = int(img.header.get("rows") or img.pixels.shape[0])
-        cols = int(img.header.get("cols") or img.pixels.shape[1])
-        scale = np.array([cols, rows, cols, rows], dtype=np.float32) / float(self.detector_input_size)
+        assert self.detector_preprocessing is not None and self.postprocess is not None
+        rows, cols = img.size
+        side = float(self.detector_preprocessing.input_size)
+        scale = np.array([cols, rows, cols, rows], dtype=np.float32) / side
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
-        config = PostprocessConfig.from_dict(self.postprocess) if self.postprocess else PostprocessConfig()
-        boxes, scores = apply_postprocess(boxes, np.asarray(scores, dtype=np.float32), p_opacity, config)
+        boxes, scores = apply_postprocess(boxes, np.asarray(scores, dtype=np.float32), p_opacity, self.postprocess)
         return [Box(*(round(float(v), 1) for v in b), score=round(float(s), 4)) for b, s in zip(boxes, scores)]
 
     # ------------------------------------------------------------- pictures
@@ -223,21 +265,16 @@ class Predictor:
         """Grad-CAM maps of the Lung Opacity class, at each image's original size."""
         from lungopacity.inference.gradcam import grad_cam
 
-        x = self._network_input(images, self.input_size)
-        maps = grad_cam(self.classifiers, x)
-        out = []
-        for img, cam in zip(images, maps):
-            rows, cols = img.pixels.shape
-            out.append(_resize_float(cam, rows, cols))
-        return out
+        maps = grad_cam(self.classifiers, self.classifier_input(images))
+        return [_resize_float(cam, *img.size) for img, cam in zip(images, maps)]
 
     def pictures(self, image: ImageInput, prediction: Prediction, heatmap: np.ndarray | None) -> tuple[bytes, bytes | None]:
         """The overlay PNG (boxes and scores over the image) and the heatmap PNG."""
         from lungopacity.reports.overlays import heatmap_overlay, overlay_png
 
-        display = _display_pixels(image.pixels)
-        sy = display.shape[0] / image.pixels.shape[0]
-        sx = display.shape[1] / image.pixels.shape[1]
+        display = _display_pixels(image.full_pixels())
+        sy = display.shape[0] / image.size[0]
+        sx = display.shape[1] / image.size[1]
         boxes = np.array([[b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy] for b in prediction.boxes], dtype=np.float32).reshape(-1, 4)
         scores = np.array([b.score for b in prediction.boxes], dtype=np.float32)
         overlay = overlay_png(display, None, boxes, scores)

@@ -16,6 +16,8 @@ import logging
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lungopacity.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,9 +49,9 @@ def as_boxes(boxes: ArrayLike | None) -> np.ndarray:
     if array.ndim == 1 and array.shape[0] == 4:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), got {array.shape}")
+        raise ConfigError(f"boxes must have shape (N, 4), got {array.shape}")
     if not np.all(np.isfinite(array)):
-        raise ValueError("boxes hold non-finite values")
+        raise ConfigError("boxes hold non-finite values")
     return array
 
 
@@ -60,7 +62,7 @@ def xywh_to_xyxy(boxes: ArrayLike) -> np.ndarray:
     """
     array = np.asarray(boxes, dtype=np.float64)
     if array.shape[-1:] != (4,):
-        raise ValueError(f"last axis must have length 4, got shape {array.shape}")
+        raise ConfigError(f"last axis must have length 4, got shape {array.shape}")
     out = array.copy()
     out[..., 2] = array[..., 0] + array[..., 2]
     out[..., 3] = array[..., 1] + array[..., 3]
@@ -74,7 +76,7 @@ def xyxy_to_xywh(boxes: ArrayLike) -> np.ndarray:
     """
     array = np.asarray(boxes, dtype=np.float64)
     if array.shape[-1:] != (4,):
-        raise ValueError(f"last axis must have length 4, got shape {array.shape}")
+        raise ConfigError(f"last axis must have length 4, got shape {array.shape}")
     out = array.copy()
     out[..., 2] = array[..., 2] - array[..., 0]
     out[..., 3] = array[..., 3] - array[..., 1]
@@ -102,7 +104,7 @@ def iou_matrix(boxes_a: ArrayLike, boxes_b: ArrayLike) -> np.ndarray:
     a = np.asarray(boxes_a, dtype=np.float64)
     b = np.asarray(boxes_b, dtype=np.float64)
     if a.shape[-1:] != (4,) or b.shape[-1:] != (4,) or a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"boxes must have shape (..., N, 4); got {a.shape} and {b.shape}")
+        raise ConfigError(f"boxes must have shape (..., N, 4); got {a.shape} and {b.shape}")
     a_exp = a[..., :, None, :]
     b_exp = b[..., None, :, :]
     inter_w = np.minimum(a_exp[..., 2], b_exp[..., 2]) - np.maximum(a_exp[..., 0], b_exp[..., 0])
@@ -145,7 +147,7 @@ def shrink_boxes(boxes: ArrayLike, factor: float) -> np.ndarray:
         ValueError: if ``factor`` is not positive.
     """
     if not factor > 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
+        raise ConfigError(f"factor must be > 0, got {factor}")
     array = np.asarray(boxes, dtype=np.float64)
     centre_x = (array[..., 0] + array[..., 2]) / 2.0
     centre_y = (array[..., 1] + array[..., 3]) / 2.0

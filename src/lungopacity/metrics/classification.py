@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize, special, stats
 
 from lungopacity.constants import CLASS_NAMES
+from lungopacity.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,16 @@ def _as_binary_labels(y: ArrayLike) -> np.ndarray:
     if labels.dtype == bool:
         return labels.astype(np.int64)
     if labels.size and not np.all(np.isin(labels, (0, 1))):
-        raise ValueError("binary labels must be 0/1 (or bool)")
+        raise ConfigError("binary labels must be 0/1 (or bool)")
     return labels.astype(np.int64)
 
 
 def _as_scores(score: ArrayLike, n: int, name: str = "score") -> np.ndarray:
     values = np.asarray(score, dtype=np.float64).reshape(-1)
     if values.shape[0] != n:
-        raise ValueError(f"{name} has {values.shape[0]} values for {n} labels")
+        raise ConfigError(f"{name} has {values.shape[0]} values for {n} labels")
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} holds non-finite values")
+        raise ConfigError(f"{name} holds non-finite values")
     return values
 
 
@@ -78,7 +79,7 @@ def _binary_inputs(y: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, np.ndarr
     values = _as_scores(score, labels.shape[0])
     n_pos = int(labels.sum())
     if n_pos == 0 or n_pos == labels.shape[0]:
-        raise ValueError("both classes (0 and 1) must be present")
+        raise ConfigError("both classes (0 and 1) must be present")
     return labels, values
 
 
@@ -186,7 +187,7 @@ def _bootstrap_aucs(
 ) -> np.ndarray:
     """``(n_boot, len(score_list))`` AUCs, every score judged on the same resamples."""
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     grouped = []
     for values in score_list:
@@ -235,7 +236,7 @@ def bootstrap_auc_ci(
         ``alpha/2`` and ``1 - alpha/2`` quantiles of the replicate AUCs.
     """
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     labels, values = _binary_inputs(y, score)
     aucs = _bootstrap_aucs(labels, [values], n_boot, seed, stratified)[:, 0]
     kept = aucs[~np.isnan(aucs)]
@@ -292,7 +293,7 @@ def delong_test(y: ArrayLike, score_a: ArrayLike, score_b: ArrayLike) -> DeLongR
     n_pos = int(labels.sum())
     n_neg = labels.shape[0] - n_pos
     if n_pos < 2 or n_neg < 2:
-        raise ValueError("DeLong's test needs at least two positives and two negatives")
+        raise ConfigError("DeLong's test needs at least two positives and two negatives")
     auc_a, v10_a, v01_a = _delong_components(labels, values_a)
     auc_b, v10_b, v01_b = _delong_components(labels, values_b)
     s10 = np.cov(np.vstack([v10_a, v10_b]))
@@ -337,7 +338,7 @@ def paired_bootstrap_auc_test(
     makes it directly comparable with :func:`delong_test`).
     """
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     labels, values_a = _binary_inputs(y, score_a)
     values_b = _as_scores(score_b, labels.shape[0], "score_b")
     aucs = _bootstrap_aucs(labels, [values_a, values_b], n_boot, seed, stratified)
@@ -388,7 +389,7 @@ def threshold_at_sensitivity(y: ArrayLike, score: ArrayLike, target: float = 0.9
         ValueError: unless ``0 < target <= 1``.
     """
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+        raise ConfigError(f"target sensitivity must be in (0, 1], got {target}")
     fpr, tpr, thresholds = roc_curve(y, score)
     # tpr is non-decreasing and ends at 1, so a first reaching point always exists.
     best = int(np.argmax(tpr >= target - 1e-12))
@@ -435,9 +436,9 @@ def one_vs_rest_auc(
     labels = np.asarray(y_class).reshape(-1)
     scores = np.asarray(probs, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(f"probs must have shape (n, K) with n={labels.shape[0]}, got {scores.shape}")
+        raise ConfigError(f"probs must have shape (n, K) with n={labels.shape[0]}, got {scores.shape}")
     if scores.shape[1] != len(class_names):
-        raise ValueError(f"{scores.shape[1]} probability columns for {len(class_names)} class names")
+        raise ConfigError(f"{scores.shape[1]} probability columns for {len(class_names)} class names")
     result: dict[str, float] = {}
     for code, name in enumerate(class_names):
         is_class = labels == code
@@ -454,10 +455,10 @@ def confusion_matrix(y: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np.ndar
     truth = np.asarray(y).reshape(-1).astype(np.int64)
     predicted = np.asarray(y_pred).reshape(-1).astype(np.int64)
     if truth.shape != predicted.shape:
-        raise ValueError(f"y has {truth.size} values, y_pred {predicted.size}")
+        raise ConfigError(f"y has {truth.size} values, y_pred {predicted.size}")
     for name, codes in (("y", truth), ("y_pred", predicted)):
         if codes.size and (codes.min() < 0 or codes.max() >= n_classes):
-            raise ValueError(f"{name} holds codes outside 0..{n_classes - 1}")
+            raise ConfigError(f"{name} holds codes outside 0..{n_classes - 1}")
     counts = np.bincount(truth * n_classes + predicted, minlength=n_classes * n_classes)
     return counts.reshape(n_classes, n_classes)
 
@@ -485,11 +486,11 @@ def _confidence_and_outcome(y: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.
         confidence = probabilities.max(axis=1)
         outcome = (probabilities.argmax(axis=1) == labels).astype(np.float64)
     else:
-        raise ValueError(f"p must be (n,) or (n, K), got shape {probabilities.shape}")
+        raise ConfigError(f"p must be (n,) or (n, K), got shape {probabilities.shape}")
     if confidence.shape[0] != labels.shape[0]:
-        raise ValueError(f"p has {confidence.shape[0]} rows for {labels.shape[0]} labels")
+        raise ConfigError(f"p has {confidence.shape[0]} rows for {labels.shape[0]} labels")
     if np.any((confidence < 0) | (confidence > 1)) or not np.all(np.isfinite(confidence)):
-        raise ValueError("probabilities must lie in [0, 1]")
+        raise ConfigError("probabilities must lie in [0, 1]")
     return confidence, outcome
 
 
@@ -503,7 +504,7 @@ def reliability_curve(y: ArrayLike, p: ArrayLike, n_bins: int = 15) -> Reliabili
         n_bins: bins ``[0, 1/n), [1/n, 2/n), ..., [(n-1)/n, 1]`` (the last one closed).
     """
     if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        raise ConfigError(f"n_bins must be >= 1, got {n_bins}")
     confidence, outcome = _confidence_and_outcome(y, p)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bin_index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
@@ -524,7 +525,7 @@ def expected_calibration_error(y: ArrayLike, p: ArrayLike, n_bins: int = 15) -> 
     curve = reliability_curve(y, p, n_bins)
     total = int(curve.count.sum())
     if total == 0:
-        raise ValueError("expected_calibration_error needs at least one case")
+        raise ConfigError("expected_calibration_error needs at least one case")
     filled = curve.count > 0
     gaps = np.abs(curve.observed_frequency[filled] - curve.mean_predicted[filled])
     return float(np.sum(curve.count[filled] / total * gaps))
@@ -536,29 +537,29 @@ def _as_logit_matrix(logits: ArrayLike) -> np.ndarray:
     if values.ndim == 1:
         values = np.stack([np.zeros_like(values), values], axis=1)
     if values.ndim != 2:
-        raise ValueError(f"logits must be (n,) or (n, K), got shape {values.shape}")
+        raise ConfigError(f"logits must be (n,) or (n, K), got shape {values.shape}")
     if not np.all(np.isfinite(values)):
-        raise ValueError("logits hold non-finite values")
+        raise ConfigError("logits hold non-finite values")
     return values
 
 
 def softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities ``softmax(logits / temperature)``; ``(n,)`` logits give ``(n, 2)``."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     return special.softmax(_as_logit_matrix(logits) / temperature, axis=1)
 
 
 def negative_log_likelihood(logits: ArrayLike, y: ArrayLike, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of integer labels under ``softmax(logits / temperature)``."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     values = _as_logit_matrix(logits)
     labels = np.asarray(y).reshape(-1).astype(np.int64)
     if labels.shape[0] != values.shape[0]:
-        raise ValueError(f"{values.shape[0]} logit rows for {labels.shape[0]} labels")
+        raise ConfigError(f"{values.shape[0]} logit rows for {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= values.shape[1]):
-        raise ValueError(f"labels must be in 0..{values.shape[1] - 1}")
+        raise ConfigError(f"labels must be in 0..{values.shape[1] - 1}")
     log_probs = special.log_softmax(values / temperature, axis=1)
     return float(-log_probs[np.arange(labels.shape[0]), labels].mean())
 
@@ -581,7 +582,7 @@ def fit_temperature(
     """
     low, high = bounds
     if not 0 < low < high:
-        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+        raise ConfigError(f"bounds must satisfy 0 < low < high, got {bounds}")
     values = _as_logit_matrix(logits)
     labels = np.asarray(y).reshape(-1).astype(np.int64)
     negative_log_likelihood(values, labels)  # validates shapes and label range

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lungopacity.errors import ConfigError
 from lungopacity.metrics.boxes import as_boxes, iou_matrix
 
 logger = logging.getLogger(__name__)
@@ -60,20 +61,20 @@ def _as_scores(scores: ArrayLike | None, n_boxes: int) -> np.ndarray:
     """Return confidences as a float64 ``(n_boxes,)`` array, checked against the box count."""
     if scores is None:
         if n_boxes:
-            raise ValueError(f"{n_boxes} predicted boxes but no scores")
+            raise ConfigError(f"{n_boxes} predicted boxes but no scores")
         return np.zeros(0, dtype=np.float64)
     array = np.asarray(scores, dtype=np.float64).reshape(-1)
     if array.shape[0] != n_boxes:
-        raise ValueError(f"{n_boxes} predicted boxes but {array.shape[0]} scores")
+        raise ConfigError(f"{n_boxes} predicted boxes but {array.shape[0]} scores")
     if not np.all(np.isfinite(array)):
-        raise ValueError("scores hold non-finite values")
+        raise ConfigError("scores hold non-finite values")
     return array
 
 
 def _as_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     array = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if array.size == 0:
-        raise ValueError("at least one IoU threshold is needed")
+        raise ConfigError("at least one IoU threshold is needed")
     return array
 
 
@@ -152,7 +153,7 @@ def _pad_boxes(
         return padded, valid, padded_keys
     flat = np.concatenate([b for b in boxes if b.shape[0]], axis=0)
     if not np.all(np.isfinite(flat)):
-        raise ValueError("boxes hold non-finite values")
+        raise ConfigError("boxes hold non-finite values")
     starts = np.cumsum(counts) - counts
     position = np.arange(total) - np.repeat(starts, counts)
     flat_slot = np.repeat(np.arange(n_images) * width, counts) + position
@@ -184,7 +185,7 @@ def _score_array(scores: ArrayLike | None, n_boxes: int) -> np.ndarray:
         return _as_scores(scores, n_boxes)
     array = np.asarray(scores, dtype=np.float64).reshape(-1)
     if array.shape[0] != n_boxes:
-        raise ValueError(f"{n_boxes} predicted boxes but {array.shape[0]} scores")
+        raise ConfigError(f"{n_boxes} predicted boxes but {array.shape[0]} scores")
     return array
 
 
@@ -205,7 +206,7 @@ def _pad_dataset(
         np.concatenate(score_list) if n_pred.sum() else np.zeros(0, dtype=np.float64)
     )
     if not np.all(np.isfinite(flat_scores)):
-        raise ValueError("scores hold non-finite values")
+        raise ConfigError("scores hold non-finite values")
     pred_padded, pred_valid, pred_scores = _pad_boxes(pred_list, n_pred, flat_scores)
     return _Padded(gt_padded, gt_valid, pred_padded, pred_scores, pred_valid, n_gt, n_pred)
 
@@ -223,7 +224,7 @@ def _padded_chunks(
     # Lists make slicing positional for any sequence (a pandas Series included).
     gt, preds, scores = list(gt), list(preds), list(scores)
     if not (len(gt) == len(preds) == len(scores)):
-        raise ValueError(
+        raise ConfigError(
             f"gt, preds and scores must have one entry per image; got {len(gt)}, "
             f"{len(preds)} and {len(scores)}"
         )
@@ -386,7 +387,7 @@ def froc_curve(
     """
     n_images = len(gt)
     if n_images == 0:
-        raise ValueError("froc_curve needs at least one image")
+        raise ConfigError("froc_curve needs at least one image")
     confidence_blocks, hit_blocks = [np.zeros(0)], [np.zeros(0, dtype=bool)]
     total_gt = 0
     for padded in _padded_chunks(gt, preds, scores):

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lungopacity.constants import CLASS_KEYS
+from lungopacity.errors import ConfigError, RunFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,11 @@ class FeatureEncoder:
         self.features = tuple(self.features)
         unknown = [name for name in self.features if name not in FUSION_FEATURES]
         if unknown:
-            raise ValueError(f"unknown fusion features {unknown}; known: {list(FUSION_FEATURES)}")
+            raise ConfigError(f"unknown fusion features {unknown}; known: {list(FUSION_FEATURES)}")
         if not self.features:
-            raise ValueError("a FeatureEncoder needs at least one feature")
+            raise ConfigError("a FeatureEncoder needs at least one feature")
         if len(set(self.features)) != len(self.features):
-            raise ValueError(f"duplicate fusion features in {list(self.features)}")
+            raise ConfigError(f"duplicate fusion features in {list(self.features)}")
         # One canonical order, so a saved network can never be fed columns shuffled.
         self.features = tuple(name for name in FUSION_FEATURES if name in self.features)
 
@@ -206,13 +207,13 @@ class FeatureEncoder:
             sexes = [_normalise_sex(v) for v in self._column(frame, "sex")]
             known = [s for s in sexes if s is not None]
             if not known:
-                raise ValueError("cannot fit the feature encoder: no training row has a known sex")
+                raise ConfigError("cannot fit the feature encoder: no training row has a known sex")
             self.fraction_male = float(np.mean([s == "M" for s in known]))
         if "age" in self.features:
             ages = [_age_years(v) for v in self._column(frame, "age")]
             known_ages = np.array([a for a in ages if a is not None], dtype=np.float64)
             if known_ages.size == 0:
-                raise ValueError("cannot fit the feature encoder: no training row has a known age")
+                raise ConfigError("cannot fit the feature encoder: no training row has a known age")
             clipped = np.clip(known_ages, *AGE_CLIP_YEARS)
             self.median_age_years = float(np.median(clipped))
             scaled = _scaled_age(known_ages)
@@ -224,7 +225,7 @@ class FeatureEncoder:
             views = [_normalise_view(v) for v in self._column(frame, "view")]
             known_views = [v for v in views if v is not None]
             if not known_views:
-                raise ValueError("cannot fit the feature encoder: no training row has a known view")
+                raise ConfigError("cannot fit the feature encoder: no training row has a known view")
             self.fraction_ap = float(np.mean([v == "AP" for v in known_views]))
         logger.info(
             "fitted fusion encoder on %d rows: fraction_male=%s median_age=%s fraction_ap=%s",
@@ -235,7 +236,7 @@ class FeatureEncoder:
     @staticmethod
     def _column(frame: pd.DataFrame, name: str) -> list[Any]:
         if name not in frame.columns:
-            raise ValueError(f"fusion input table has no column {name!r} (columns: {list(frame.columns)})")
+            raise ConfigError(f"fusion input table has no column {name!r} (columns: {list(frame.columns)})")
         return frame[name].tolist()
 
     def encode(
@@ -291,9 +292,9 @@ class FeatureEncoder:
                     dtype=np.float64
                 )
                 if np.isnan(probabilities).any():
-                    raise ValueError(f"{name}: {int(np.isnan(probabilities).sum())} missing classifier probabilities")
+                    raise ConfigError(f"{name}: {int(np.isnan(probabilities).sum())} missing classifier probabilities")
                 if (probabilities < -1e-6).any() or (probabilities > 1 + 1e-6).any():
-                    raise ValueError(f"{name}: classifier probabilities outside [0, 1]")
+                    raise ConfigError(f"{name}: classifier probabilities outside [0, 1]")
                 columns.append(probabilities)
         matrix = np.stack(columns, axis=1).astype(np.float32) if n else np.zeros((0, self.n_features), np.float32)
         return matrix, missing
@@ -315,11 +316,11 @@ class FeatureEncoder:
     def from_dict(cls, state: Mapping[str, Any]) -> FeatureEncoder:
         """Rebuild an encoder from :meth:`to_dict` output."""
         if "age_clip_years" in state and tuple(state["age_clip_years"]) != AGE_CLIP_YEARS:
-            raise ValueError(
+            raise ConfigError(
                 f"saved encoder clips ages to {state['age_clip_years']}, this version to {AGE_CLIP_YEARS}"
             )
         if "age_scale_years" in state and float(state["age_scale_years"]) != AGE_SCALE_YEARS:
-            raise ValueError(
+            raise ConfigError(
                 f"saved encoder scales ages by {state['age_scale_years']}, this version by {AGE_SCALE_YEARS}"
             )
         return cls(
@@ -342,9 +343,9 @@ class FusionNet(nn.Module):
     def __init__(self, n_inputs: int, hidden: Sequence[int] = (16, 8), dropout: float = 0.0) -> None:
         super().__init__()
         if n_inputs < 1:
-            raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
+            raise ConfigError(f"n_inputs must be >= 1, got {n_inputs}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.n_inputs = int(n_inputs)
         self.hidden = tuple(int(h) for h in hidden)
         self.dropout = float(dropout)
@@ -352,7 +353,7 @@ class FusionNet(nn.Module):
         width = self.n_inputs
         for units in self.hidden:
             if units < 1:
-                raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
+                raise ConfigError(f"hidden layer sizes must be >= 1, got {self.hidden}")
             linear = nn.Linear(width, units)
             nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
             nn.init.zeros_(linear.bias)
@@ -384,7 +385,7 @@ class FusionNet(nn.Module):
             device = next(self.parameters()).device
             tensor = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
             if tensor.ndim != 2 or tensor.shape[1] != self.n_inputs:
-                raise ValueError(f"expected features of shape (B, {self.n_inputs}), got {tuple(tensor.shape)}")
+                raise ConfigError(f"expected features of shape (B, {self.n_inputs}), got {tuple(tensor.shape)}")
             return torch.sigmoid(self(tensor)).double().cpu().numpy()
         finally:
             self.train(was_training)
@@ -445,9 +446,9 @@ def save_fusion(
         The folder written.
     """
     if net.n_inputs != encoder.n_features:
-        raise ValueError(f"network takes {net.n_inputs} inputs but the encoder produces {encoder.n_features}")
+        raise ConfigError(f"network takes {net.n_inputs} inputs but the encoder produces {encoder.n_features}")
     if not encoder.is_fitted:
-        raise ValueError("refusing to save an unfitted FeatureEncoder")
+        raise ConfigError("refusing to save an unfitted FeatureEncoder")
     folder = Path(path_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in net.state_dict().items()}
@@ -476,17 +477,17 @@ def load_fusion(path_dir: str | Path, device: str | torch.device = "cpu") -> Fus
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: fusion model file not found")
+            raise RunFolderError(path, "fusion model file not found")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version {config.get('format_version')}, expected {FORMAT_VERSION}")
+        raise ConfigError(f"{config_path}: format_version {config.get('format_version')}, expected {FORMAT_VERSION}")
     encoder = FeatureEncoder.from_dict(config["encoder"])
     if list(encoder.features) != list(config["features"]):
-        raise ValueError(f"{config_path}: features {config['features']} disagree with the encoder's")
+        raise ConfigError(f"{config_path}: features {config['features']} disagree with the encoder's")
     architecture = config["architecture"]
     net = FusionNet(architecture["n_inputs"], hidden=architecture["hidden"], dropout=architecture["dropout"])
     if net.n_inputs != encoder.n_features:
-        raise ValueError(f"{config_path}: network takes {net.n_inputs} inputs, encoder gives {encoder.n_features}")
+        raise ConfigError(f"{config_path}: network takes {net.n_inputs} inputs, encoder gives {encoder.n_features}")
     net.load_state_dict(load_file(str(weights_path)))
     net.to(device).eval()
     return FusionModel(net=net, encoder=encoder, metrics=config.get("metrics") or {})

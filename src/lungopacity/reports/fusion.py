@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lungopacity.errors import ConfigError
 from lungopacity.metrics.classification import (
     bootstrap_auc_ci,
     delong_test,
@@ -85,19 +86,19 @@ def fusion_comparison_report(
     columns = dict(score_columns or SCORE_COLUMNS)
     for required in ("fusion", "image-only"):
         if required not in columns:
-            raise ValueError(f"score_columns must name a {required!r} column, got {columns}")
+            raise ConfigError(f"score_columns must name a {required!r} column, got {columns}")
     absent = [c for c in [label_column, *columns.values()] if c not in table_with_scores.columns]
     if absent:
-        raise ValueError(f"fusion comparison table lacks columns {absent}")
+        raise ConfigError(f"fusion comparison table lacks columns {absent}")
     labels = table_with_scores[label_column].to_numpy()
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{label_column} must be 0/1")
+        raise ConfigError(f"{label_column} must be 0/1")
     labels = labels.astype(np.int64)
     scores: dict[str, np.ndarray] = {}
     for name, column in columns.items():
         values = pd.to_numeric(table_with_scores[column], errors="coerce").to_numpy(dtype=np.float64)
         if np.isnan(values).any():
-            raise ValueError(f"{column} ({name}) has {int(np.isnan(values).sum())} missing scores")
+            raise ConfigError(f"{column} ({name}) has {int(np.isnan(values).sum())} missing scores")
         scores[name] = values
 
     out = Path(out_dir)

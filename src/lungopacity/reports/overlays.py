@@ -19,6 +19,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw, ImageFont
 
+from lungopacity.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: Ground-truth boxes (the readers').
@@ -43,7 +45,7 @@ def to_rgb_uint8(pixels: ArrayLike) -> np.ndarray:
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise ValueError(f"an image must be (H, W) or (H, W, 3), got shape {array.shape}")
+        raise ConfigError(f"an image must be (H, W) or (H, W, 3), got shape {array.shape}")
     if array.dtype != np.uint8:
         array = np.clip(np.rint(np.asarray(array, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
     if array.ndim == 2:
@@ -122,7 +124,7 @@ def overlay_image(
     pred = _scaled(pred_boxes, scale)
     scores = None if pred_scores is None else np.asarray(pred_scores, dtype=np.float64).reshape(-1)
     if scores is not None and len(scores) != len(pred):
-        raise ValueError(f"{len(pred)} predicted boxes but {len(scores)} scores")
+        raise ConfigError(f"{len(pred)} predicted boxes but {len(scores)} scores")
     for x1, y1, x2, y2 in gt:
         draw.rectangle([x1, y1, x2, y2], outline=GT_COLOR, width=line)
     # Predictions drawn lowest score first so the best box (and its label) ends on top.
@@ -191,7 +193,7 @@ def contact_sheet(
         gap: pixels between cells and around the sheet.
     """
     if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
+        raise ConfigError(f"columns must be >= 1, got {columns}")
     tiles = []
     for item in images:
         if isinstance(item, Image.Image):
@@ -201,7 +203,7 @@ def contact_sheet(
         else:
             tiles.append(Image.fromarray(to_rgb_uint8(item)))
     if not tiles:
-        raise ValueError("no images for the contact sheet")
+        raise ConfigError("no images for the contact sheet")
     cell = cell_size or max(max(t.size) for t in tiles)
     rows = -(-len(tiles) // columns)
     used_columns = min(columns, len(tiles))
@@ -242,11 +244,11 @@ def heatmap_overlay(pixels: ArrayLike, heatmap01: ArrayLike, alpha: float = 0.4)
         uint8 ``(H, W, 3)``, ready for :func:`overlay_png` or :func:`png_bytes`.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
     rgb = to_rgb_uint8(pixels)
     heat = np.asarray(heatmap01, dtype=np.float32)
     if heat.ndim != 2:
-        raise ValueError(f"the heatmap must be 2-D, got shape {heat.shape}")
+        raise ConfigError(f"the heatmap must be 2-D, got shape {heat.shape}")
     height, width = rgb.shape[:2]
     if heat.shape != (height, width):
         heat = np.asarray(Image.fromarray(heat).resize((width, height), Image.Resampling.BILINEAR))

@@ -35,6 +35,7 @@ from lungopacity.constants import (
     SEXES,
     VIEWS,
 )
+from lungopacity.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +187,15 @@ def sample_patient(
     drawn_view = "AP" if rng.random() < rsna_ap_fraction() else "PA"
     view = view if view is not None else drawn_view
     if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        raise ConfigError(f"view must be one of {VIEWS}, got {view!r}")
     drawn_class = int(rng.choice(3, p=_view_class_probabilities(view)))
     label_class = int(label_class) if label_class is not None else drawn_class
     if label_class not in (NORMAL, NOT_NORMAL, LUNG_OPACITY):
-        raise ValueError(f"label_class must be 0, 1 or 2, got {label_class!r}")
+        raise ConfigError(f"label_class must be 0, 1 or 2, got {label_class!r}")
     drawn_sex = "M" if rng.random() < RSNA_MALE_FRACTION_BY_CLASS[label_class] else "F"
     sex = sex if sex is not None else drawn_sex
     if sex not in SEXES:
-        raise ValueError(f"sex must be one of {SEXES}, got {sex!r}")
+        raise ConfigError(f"sex must be one of {SEXES}, got {sex!r}")
     drawn_age = sample_age(rng, view, label_class)
     age = int(age) if age is not None else drawn_age
     spacings, weights = zip(*RSNA_PIXEL_SPACING_BY_VIEW[view])
@@ -229,7 +230,7 @@ def allocate_view_class(n: int) -> list[tuple[str, int]]:
     appears at least once (a missing class takes one patient from the largest cell).
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise ConfigError(f"n must be at least 1, got {n}")
     n_ap, n_pa = _largest_remainder(n, (rsna_ap_fraction(), 1.0 - rsna_ap_fraction()))
     cells: dict[tuple[str, int], int] = {}
     for view, n_view in (("AP", n_ap), ("PA", n_pa)):
@@ -786,7 +787,7 @@ def _draw_opacities(canvas: _Canvas, lung: np.ndarray, rng: np.random.Generator,
     if not boxes:
         # A Lung Opacity phantom must carry a box; only far below MIN_SIZE could every
         # opacity miss the (pixelated) lung fields.
-        raise ValueError(f"no opacity fits the lung fields of a {work}-pixel phantom; use a larger size")
+        raise ConfigError(f"no opacity fits the lung fields of a {work}-pixel phantom; use a larger size")
     return boxes
 
 
@@ -845,7 +846,7 @@ def make_phantom(
     The pixels are multiples of 1/255 (what an 8-bit DICOM of them holds exactly).
     """
     if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
+        raise ConfigError(f"size must be at least {MIN_SIZE} pixels, got {size}")
     seq = _as_seed_sequence(seed)
     spec = sample_patient(_child_rng(seq, _STREAM_DEMOGRAPHICS), view=view, label_class=label_class,
                           sex=sex, age=age, patient_id=patient_id)

@@ -34,6 +34,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY, RSNA_IMAGE_SIZE
+from lungopacity.errors import ConfigError, RunExistsError
 from lungopacity.synthetic.phantom import MIN_SIZE, make_phantom_for, plan_patients
 
 logger = logging.getLogger(__name__)
@@ -102,21 +103,21 @@ def write_dicom(
     path = Path(path)
     pixels = np.asarray(pixels)
     if pixels.ndim != 2:
-        raise ValueError(f"pixels must be a 2-D array, got shape {pixels.shape}")
+        raise ConfigError(f"pixels must be a 2-D array, got shape {pixels.shape}")
     if transfer_syntax not in TRANSFER_SYNTAXES:
-        raise ValueError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, got {transfer_syntax!r}")
+        raise ConfigError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, got {transfer_syntax!r}")
     if pixels.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"pixels must be uint8 or uint16, got {pixels.dtype}")
+        raise ConfigError(f"pixels must be uint8 or uint16, got {pixels.dtype}")
     if transfer_syntax == "jpeg-baseline" and pixels.dtype != np.uint8:
-        raise ValueError("JPEG Baseline holds 8-bit pixels only; use transfer_syntax='explicit-little' for uint16")
+        raise ConfigError("JPEG Baseline holds 8-bit pixels only; use transfer_syntax='explicit-little' for uint16")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+        raise ConfigError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
     allocated = pixels.dtype.itemsize * 8
     stored = allocated if bits_stored is None else int(bits_stored)
     if not 1 <= stored <= allocated:
-        raise ValueError(f"bits_stored must be 1..{allocated}, got {bits_stored}")
+        raise ConfigError(f"bits_stored must be 1..{allocated}, got {bits_stored}")
     if stored < allocated and int(pixels.max(initial=0)) >= 2**stored:
-        raise ValueError(f"pixel values exceed bits_stored={stored}")
+        raise ConfigError(f"pixel values exceed bits_stored={stored}")
 
     sop_uid = uid_from_name(f"lungopacity/{patient_id}/sop")
     meta = FileMetaDataset()
@@ -220,7 +221,7 @@ def _label_rows(patient_id: str, label_class: int, boxes: np.ndarray) -> list[tu
     """(labels row, class-info row, patient id) strings for one patient."""
     name = CLASS_NAMES[label_class]
     if (label_class == LUNG_OPACITY) != (len(boxes) > 0):
-        raise ValueError(f"{patient_id}: class {name!r} with {len(boxes)} boxes")
+        raise ConfigError(f"{patient_id}: class {name!r} with {len(boxes)} boxes")
     if label_class != LUNG_OPACITY:
         return [(f"{patient_id},,,,,0", f"{patient_id},{name}", patient_id)]
     rows = []
@@ -251,16 +252,16 @@ def write_demo_dataset(
     ``progress(done, total)`` is called after each image.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise ConfigError(f"n must be at least 1, got {n}")
     if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
+        raise ConfigError(f"size must be at least {MIN_SIZE} pixels, got {size}")
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed}")
     out = Path(out_dir)
     images = out / IMAGES_DIR
     stale = sorted(images.glob("*.dcm")) if images.is_dir() else []
     if stale and not overwrite:
-        raise FileExistsError(f"{images}: already holds {len(stale)} DICOM files; choose an empty folder")
+        raise RunExistsError(images, f"already holds {len(stale)} DICOM files; choose an empty folder or pass --overwrite")
     for old in stale:
         old.unlink()
     images.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from lungopacity.errors import ConfigError
 from lungopacity.metrics.boxes import as_boxes, iou_matrix, shrink_boxes
 from lungopacity.metrics.rsna_map import RSNA_IOU_THRESHOLDS, per_image_precision
 
@@ -76,19 +77,19 @@ class PostprocessConfig:
 
     def __post_init__(self) -> None:
         if self.gating not in GATING_MODES:
-            raise ValueError(f"gating must be one of {GATING_MODES}, got {self.gating!r}")
+            raise ConfigError(f"gating must be one of {GATING_MODES}, got {self.gating!r}")
         if self.fusion not in FUSION_MODES:
-            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+            raise ConfigError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
         if self.wbf_confidence not in WBF_CONFIDENCE:
-            raise ValueError(f"wbf_confidence must be one of {WBF_CONFIDENCE}, got {self.wbf_confidence!r}")
+            raise ConfigError(f"wbf_confidence must be one of {WBF_CONFIDENCE}, got {self.wbf_confidence!r}")
         if not self.shrink > 0:
-            raise ValueError(f"shrink must be > 0, got {self.shrink}")
+            raise ConfigError(f"shrink must be > 0, got {self.shrink}")
         if self.fusion != "none" and not 0.0 <= self.fusion_iou < 1.0:
-            raise ValueError(f"fusion_iou must lie in [0, 1), got {self.fusion_iou}")
+            raise ConfigError(f"fusion_iou must lie in [0, 1), got {self.fusion_iou}")
         if self.max_boxes is not None and self.max_boxes < 1:
-            raise ValueError(f"max_boxes must be >= 1 or None, got {self.max_boxes}")
+            raise ConfigError(f"max_boxes must be >= 1 or None, got {self.max_boxes}")
         if self.n_models < 1:
-            raise ValueError(f"n_models must be >= 1, got {self.n_models}")
+            raise ConfigError(f"n_models must be >= 1, got {self.n_models}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,7 +139,7 @@ def load_postprocess(path: str | Path) -> PostprocessConfig:
 def _scores(scores: ArrayLike | None, n: int) -> np.ndarray:
     array = np.zeros(0) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
     if array.shape[0] != n:
-        raise ValueError(f"{n} boxes but {array.shape[0]} scores")
+        raise ConfigError(f"{n} boxes but {array.shape[0]} scores")
     return array
 
 
@@ -190,7 +191,7 @@ def weighted_boxes_fusion(
         Fused boxes ``(K, 4)`` and scores ``(K,)``, best first.
     """
     if confidence not in WBF_CONFIDENCE:
-        raise ValueError(f"confidence must be one of {WBF_CONFIDENCE}, got {confidence!r}")
+        raise ConfigError(f"confidence must be one of {WBF_CONFIDENCE}, got {confidence!r}")
     boxes = as_boxes(boxes)
     scores = _scores(scores, len(boxes))
     order = np.argsort(-scores, kind="stable")
@@ -243,7 +244,7 @@ def _gate(scores: np.ndarray, p_opacity: float | None, config: PostprocessConfig
     if config.gating == "none":
         return scores
     if p_opacity is None or not np.isfinite(p_opacity):
-        raise ValueError("gating needs the patient's P(opacity)")
+        raise ConfigError("gating needs the patient's P(opacity)")
     return scores * float(p_opacity)
 
 
@@ -283,9 +284,9 @@ def apply_postprocess_all(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """:func:`apply_postprocess` over patients (``p_opacity`` one value per patient, or None)."""
     if len(boxes_list) != len(scores_list):
-        raise ValueError(f"{len(boxes_list)} box lists but {len(scores_list)} score lists")
+        raise ConfigError(f"{len(boxes_list)} box lists but {len(scores_list)} score lists")
     if p_opacity is not None and len(p_opacity) != len(boxes_list):
-        raise ValueError(f"{len(boxes_list)} patients but {len(p_opacity)} probabilities")
+        raise ConfigError(f"{len(boxes_list)} patients but {len(p_opacity)} probabilities")
     out_boxes, out_scores = [], []
     for i, (boxes, scores) in enumerate(zip(boxes_list, scores_list)):
         p = None if p_opacity is None else float(p_opacity[i])
@@ -318,7 +319,7 @@ def rsna_map_by_threshold(
     iou_values = np.asarray(iou_thresholds, dtype=np.float64)
     n_images = len(gt_boxes)
     if not (len(pred_boxes) == len(pred_scores) == n_images):
-        raise ValueError("gt, boxes and scores must have one entry per image")
+        raise ConfigError("gt, boxes and scores must have one entry per image")
     gts = [as_boxes(g) for g in gt_boxes]
     preds = [as_boxes(p) for p in pred_boxes]
     scores = [_scores(s, len(p)) for s, p in zip(pred_scores, preds)]
@@ -444,14 +445,14 @@ def tune_postprocess(
     """
     n = len(gt_boxes)
     if not (len(pred_boxes) == len(pred_scores) == n):
-        raise ValueError("gt, boxes and scores must have one entry per patient")
+        raise ConfigError("gt, boxes and scores must have one entry per patient")
     if gating_options is None:
         gating_options = ("none", "multiply") if p_opacity is not None else ("none",)
     if "multiply" in gating_options and p_opacity is None:
-        raise ValueError("gating 'multiply' needs p_opacity")
+        raise ConfigError("gating 'multiply' needs p_opacity")
     p_values = None if p_opacity is None else np.asarray(p_opacity, dtype=np.float64).reshape(-1)
     if p_values is not None and len(p_values) != n:
-        raise ValueError(f"{n} patients but {len(p_values)} probabilities")
+        raise ConfigError(f"{n} patients but {len(p_values)} probabilities")
     rows: list[dict[str, Any]] = []
     best: tuple[float, PostprocessConfig] | None = None
     # Fusion runs once per fusion setting; gating and shrink are then cheap array
@@ -470,7 +471,7 @@ def tune_postprocess(
             if gating == "multiply":
                 assert p_values is not None
                 if not np.all(np.isfinite(p_values)):
-                    raise ValueError("p_opacity holds non-finite values")
+                    raise ConfigError("p_opacity holds non-finite values")
                 flat_scores = flat_scores * np.repeat(p_values, counts)
             splits = np.cumsum(counts)[:-1]
             scores = np.split(flat_scores, splits)
@@ -503,7 +504,7 @@ def tune_postprocess(
                 if np.isfinite(value) and (best is None or value > best[0]):
                     best = (value, config)
     if best is None:
-        raise ValueError("the metric is undefined for every setting (no ground truth and no predictions)")
+        raise ConfigError("the metric is undefined for every setting (no ground truth and no predictions)")
     table = pd.DataFrame(rows).sort_values("rsna_map", ascending=False, kind="stable").reset_index(drop=True)
     log.info("post-processing tuned on %d patients: RSNA metric %.4f with %s", n, best[0], best[1].describe())
     return best[1], table
