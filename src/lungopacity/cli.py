@@ -399,19 +399,32 @@ def bundle_command(
 def predict_command(
     inputs: list[str] = typer.Argument(..., help="Files, folders or glob patterns of DICOM, PNG or JPEG images."),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv/json, submission.csv, overlays."),
-    metadata_csv: Optional[Path] = typer.Option(None, "--metadata-csv", help="id,sex,age,view for non-DICOM inputs."),
-    sex: Optional[str] = typer.Option(None, "--sex", help="M or F, for every input without it."),
-    age: Optional[float] = typer.Option(None, "--age", help="Age in years, for every input without it."),
-    view: Optional[str] = typer.Option(None, "--view", help="AP or PA, for every input without it."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    out: Path = typer.Option(
+        ..., "--out", "-o",
+        help="Folder for predictions.csv/json, submission.csv, errors.csv, overlays. Running again into the same "
+             "folder continues an interrupted run (finished files are skipped).",
+    ),
+    metadata_csv: Optional[Path] = typer.Option(
+        None, "--metadata-csv", help="id,sex,age,view per image (RSNA's metadata.csv columns work too)."
+    ),
+    sex: Optional[str] = typer.Option(None, "--sex", help="M or F: fills the sex of every input whose header lacks it."),
+    age: Optional[str] = typer.Option(
+        None, "--age", help="Age in years (0-120): fills the age of every input whose header lacks it."
+    ),
+    view: Optional[str] = typer.Option(None, "--view", help="AP or PA: fills the view of every input whose header lacks it."),
+    override: bool = typer.Option(
+        False, "--override", help="Let --sex/--age/--view and the metadata CSV replace values the header has."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
     runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (after `lungopacity export-onnx`)."),
     images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
 ) -> None:
     """Read X-rays with a bundle: class probabilities, fused P(opacity), decision and boxes.
 
-    A file that cannot be read goes to OUT/errors.csv with the reason; the batch goes on.
+    Results are written as each batch finishes; a file that cannot be read goes to
+    OUT/errors.csv with the reason and the batch goes on.
     """
     from lungopacity.inference.batch import predict_to_folder
     from lungopacity.inference.predictor import Predictor
@@ -420,12 +433,16 @@ def predict_command(
     bar = _Progress("predict")
     try:
         result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=sex, age=age, view=view,
-                                   batch_size=batch_size, with_images=images, progress=bar)
+                                   override=override, batch_size=batch_size, with_images=images,
+                                   overwrite=overwrite, progress=bar)
     finally:
         bar.close()
+    images_read = f"{result.n_predicted} image{'s' if result.n_predicted != 1 else ''} read"
+    skipped = f" ({result.n_skipped} finished by an earlier run)" if result.n_skipped else ""
     typer.echo(
-        f"{result.n_predicted} images read ({result.n_positive} with opacity), {result.n_errors} errors; "
-        f"results in {out}/predictions.csv" + (f", errors in {out}/errors.csv" if result.n_errors else "")
+        f"{images_read}{skipped}, {result.n_positive} with opacity, {result.n_errors} "
+        f"error{'s' if result.n_errors != 1 else ''}; results in {out}/predictions.csv"
+        + (f", errors in {out}/errors.csv" if result.n_errors else "")
     )
 
 

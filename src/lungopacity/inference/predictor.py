@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +27,14 @@ from lungopacity.data.preprocess import decode_prepared, network_input
 from lungopacity.errors import BundleError, ConfigError
 from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
 from lungopacity.inference.manifest import BundleManifest
+from lungopacity.inference.metadata import METADATA_FIELDS, SOURCE_MISSING, resolve_metadata
 from lungopacity.inference.schemas import Box, Prediction, Reading
-from lungopacity.io.dicom import parse_age, parse_sex, parse_view
 from lungopacity.io.errors import ImageReadError
 from lungopacity.io.images import DEFAULT_MAX_PIXELS, read_image
 from lungopacity.metrics.classification import softmax
 from lungopacity.postprocess import PostprocessConfig, apply_postprocess
 
 log = logging.getLogger(__name__)
-
-METADATA_FIELDS = ("sex", "age", "view")
-
 
 @dataclass
 class ImageInput:
@@ -66,16 +63,6 @@ class ImageInput:
         if self._pixels is None:
             self._pixels, _ = read_image(self.data, name=self.id, max_pixels=self.max_pixels)
         return self._pixels
-
-
-def resolve_metadata(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """sex / age / view from the header, replaced by any override that is given."""
-    meta = {k: header.get(k) for k in METADATA_FIELDS}
-    for key, value in (overrides or {}).items():
-        if key not in METADATA_FIELDS or value is None or (isinstance(value, float) and np.isnan(value)):
-            continue
-        meta[key] = {"sex": parse_sex, "age": parse_age, "view": parse_view}[key](value)
-    return meta
 
 
 class Predictor:
@@ -199,16 +186,28 @@ class Predictor:
         return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy()) for o in outputs]
 
     def predict_images(
-        self, images: Sequence[ImageInput], overrides: Sequence[dict[str, Any] | None] | None = None
+        self,
+        images: Sequence[ImageInput],
+        given: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        override: bool = False,
     ) -> list[Prediction]:
-        """Predictions for a batch of decoded images (metadata overrides per image)."""
+        """Predictions for a batch of decoded images.
+
+        Args:
+            images: decoded images (:meth:`load`).
+            given: per image, validated sex / age / view given by the user
+                (:func:`lungopacity.inference.metadata.parse_given`), or None.
+            override: given values replace the header's (default: fill only what it lacks).
+        """
         if not images:
             return []
-        overrides = overrides or [None] * len(images)
+        given = given or [None] * len(images)
         t0 = time.perf_counter()
         probs = self.classify(self.classifier_input(images))
         t1 = time.perf_counter()
-        metadata = [resolve_metadata(img.header, o) for img, o in zip(images, overrides)]
+        resolved = [resolve_metadata(img.header, g, override=override) for img, g in zip(images, given)]
+        metadata = [values for values, _ in resolved]
         if self.fusion is not None:
             rows = [{**meta, **{f"p_{k}": float(p[i]) for i, k in enumerate(CLASS_KEYS)}} for meta, p in zip(metadata, probs)]
             fused = self.fusion.predict(rows)
@@ -216,7 +215,7 @@ class Predictor:
             missing = [fused.missing_fields(i) for i in range(len(images))]
         else:
             opacity = probs[:, LUNG_OPACITY]
-            missing = [[k for k in METADATA_FIELDS if meta[k] is None] for meta in metadata]
+            missing = [[k for k in METADATA_FIELDS if sources[k] == SOURCE_MISSING] for _, sources in resolved]
         t2 = time.perf_counter()
         boxes_per_image: list[list[Box]] = [[] for _ in images]
         if self.detector is not None or (self.onnx is not None and self.onnx.has_detector):
@@ -237,6 +236,7 @@ class Predictor:
                     threshold=self.threshold,
                     boxes=boxes_per_image[i] if decision else [],
                     metadata=metadata[i],
+                    metadata_source=resolved[i][1],
                     missing=missing[i],
                     image_size=img.size,
                     timings={
@@ -293,15 +293,19 @@ class Predictor:
         age: float | None = None,
         view: str | None = None,
         with_images: bool = True,
+        override: bool = True,
     ) -> Reading:
         """One upload in, one reading out (what the web service calls).
+
+        ``sex``/``age``/``view`` are values a person gave for this image (already
+        validated); they replace the header's unless ``override`` is False.
 
         Raises:
             ImageReadError: the content is not a readable radiograph.
         """
         start = time.perf_counter()
         image = self.load(data, name=name)
-        (prediction,) = self.predict_images([image], [{"sex": sex, "age": age, "view": view}])
+        (prediction,) = self.predict_images([image], [{"sex": sex, "age": age, "view": view}], override=override)
         overlay = heat = None
         if with_images:
             t = time.perf_counter()
@@ -311,64 +315,87 @@ class Predictor:
         prediction.timings["total"] = round(time.perf_counter() - start, 4)
         return Reading(prediction, overlay, heat)
 
-    def predict_paths(
+    def iter_predict(
         self,
-        paths: Iterable[Path],
+        items: Sequence[tuple[Path, str, dict[str, Any] | None]],
         *,
-        metadata: dict[str, dict[str, Any]] | None = None,
         batch_size: int = 16,
         with_images: bool = False,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> tuple[list[Reading], list[tuple[str, str]]]:
-        """Predict many files in batches; unreadable files become (path, reason) errors.
+        override: bool = False,
+    ) -> Iterator[BatchOutcome]:
+        """Predict files batch by batch; every failure stays with its file and the batches go on.
 
         Args:
-            paths: image files.
-            metadata: per image id (file stem), sex / age / view overrides.
+            items: ``(path, id, given metadata or None)`` per file.
             batch_size: images per forward pass.
             with_images: also make the overlay and heatmap PNGs.
-            progress: ``progress(done, total)``.
+            override: given metadata replaces the header's (default: fills only what it lacks).
+
+        Yields:
+            One :class:`BatchOutcome` per batch: the readings, and ``(path, reason)`` for
+            each file that could not be read or predicted.
         """
-        paths = list(paths)
-        ids = unique_ids(paths)
-        readings: list[Reading] = []
-        errors: list[tuple[str, str]] = []
-        done = 0
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            images, overrides = [], []
-            for path, image_id in zip(chunk, ids[start : start + batch_size]):
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            outcome = BatchOutcome()
+            loaded: list[tuple[Path, ImageInput, dict[str, Any] | None]] = []
+            for path, image_id, given in chunk:
                 try:
                     image = self.load(path, name=str(path))
                 except ImageReadError as exc:
-                    errors.append((str(path), exc.cause))
+                    outcome.errors.append((path, exc.cause))
                     log.warning("%s", exc)
                     continue
+                except Exception as exc:  # noqa: BLE001 - one file must never stop the batch
+                    outcome.errors.append((path, f"could not be read ({type(exc).__name__}: {exc})"))
+                    log.warning("%s: could not be read", path, exc_info=True)
+                    continue
                 image.id = image_id
-                images.append(image)
-                table = metadata or {}
-                overrides.append(table.get(image_id, table.get(Path(path).stem)))
-            predictions = self.predict_images(images, overrides)
-            heatmaps = self.heatmaps(images) if (with_images and images) else [None] * len(images)
-            for img, prediction, heatmap in zip(images, predictions, heatmaps):
-                overlay = heat = None
-                if with_images:
-                    overlay, heat = self.pictures(img, prediction, heatmap)
-                readings.append(Reading(prediction, overlay, heat))
-            done += len(chunk)
-            if progress:
-                progress(done, len(paths))
-        return readings, errors
+                loaded.append((path, image, given))
+            for group in self._predictable_groups(loaded, override, outcome):
+                for path, image, prediction in group:
+                    outcome.readings.append((path, self._with_pictures(image, prediction, with_images)))
+            yield outcome
+
+    def _predictable_groups(
+        self,
+        loaded: list[tuple[Path, ImageInput, dict[str, Any] | None]],
+        override: bool,
+        outcome: BatchOutcome,
+    ) -> Iterator[list[tuple[Path, ImageInput, Prediction]]]:
+        """The batch's predictions; when the batch fails, each image alone, so only the bad one is lost."""
+        if not loaded:
+            return
+        try:
+            predictions = self.predict_images([img for _, img, _ in loaded], [g for _, _, g in loaded], override=override)
+        except Exception as exc:  # noqa: BLE001 - a batch that fails is retried image by image
+            if len(loaded) == 1:
+                log.warning("%s: prediction failed", loaded[0][0], exc_info=True)
+                outcome.errors.append((loaded[0][0], f"prediction failed ({type(exc).__name__}: {exc})"))
+                return
+            for item in loaded:
+                yield from self._predictable_groups([item], override, outcome)
+            return
+        yield [(path, img, p) for (path, img, _), p in zip(loaded, predictions)]
+
+    def _with_pictures(self, image: ImageInput, prediction: Prediction, with_images: bool) -> Reading:
+        if not with_images:
+            return Reading(prediction)
+        try:
+            (heatmap,) = self.heatmaps([image])
+            overlay, heat = self.pictures(image, prediction, heatmap)
+        except Exception:  # noqa: BLE001 - the reading stands without its pictures
+            log.warning("%s: pictures could not be drawn; the reading is kept without them", image.id, exc_info=True)
+            return Reading(prediction)
+        return Reading(prediction, overlay, heat)
 
 
-def unique_ids(paths: Sequence[Path]) -> list[str]:
-    """Each file's id: its name without extension, or with it where two files share a stem."""
-    stems = [Path(p).stem for p in paths]
-    repeated = {s for s in stems if stems.count(s) > 1}
-    ids = [Path(p).name if stem in repeated else stem for p, stem in zip(paths, stems)]
-    if len(set(ids)) < len(ids):  # same name in different folders: keep the parent folder too
-        ids = [f"{Path(p).parent.name}/{i}" if ids.count(i) > 1 else i for p, i in zip(paths, ids)]
-    return ids
+@dataclass
+class BatchOutcome:
+    """What one batch of :meth:`Predictor.iter_predict` produced."""
+
+    readings: list[tuple[Path, Reading]] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _resize_float(array: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -399,4 +426,4 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["BundleError", "ImageInput", "Predictor", "resolve_metadata"]
+__all__ = ["BatchOutcome", "BundleError", "ImageInput", "Predictor"]

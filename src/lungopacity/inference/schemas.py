@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lungopacity.constants import CLASS_KEYS
@@ -37,7 +37,10 @@ class Prediction:
         threshold: the operating threshold of the bundle.
         boxes: opacity boxes in original pixels (empty when the decision is negative
             or nothing was found).
-        metadata: the sex / age / view used (after the missing-data rule).
+        metadata: the sex / age / view used (None where missing: the fusion network
+            imputes it with its training statistics).
+        metadata_source: where each of sex / age / view came from: "header" (the
+            file), "given" (an option, a metadata CSV or the form) or "missing".
         missing: the metadata inputs that were missing and imputed ("sex", "age", "view").
         image_size: (rows, cols) of the original image.
         timings: seconds per stage ("read", "classify", "detect", "total", ...).
@@ -50,6 +53,7 @@ class Prediction:
     threshold: float
     boxes: list[Box] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    metadata_source: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
     timings: dict[str, float] = field(default_factory=dict)
@@ -60,6 +64,22 @@ class Prediction:
         data = asdict(self)
         data["image_size"] = list(self.image_size)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Prediction:
+        """The inverse of :meth:`to_dict` (reading ``predictions.json`` or a journal back)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["boxes"] = [Box(**b) for b in data.get("boxes", [])]
+        values["image_size"] = tuple(data.get("image_size", (0, 0)))
+        return cls(**values)
+
+    @classmethod
+    def csv_columns(cls) -> list[str]:
+        """The columns of predictions.csv, in order."""
+        blank = cls(id="", probabilities={k: 0.0 for k in CLASS_KEYS}, opacity_probability=0.0, decision=False,
+                    threshold=0.5)
+        return list(blank.csv_row())
 
     def csv_row(self) -> dict[str, Any]:
         """One row of predictions.csv."""
