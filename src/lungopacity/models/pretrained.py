@@ -363,8 +363,11 @@ def _offline_spec(name: str) -> OfflineWeights:
 
 @cache
 def _timm_layout(backbone: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Only the key names and shapes of timm's RGB 1000-class model are needed.
-    reference = timm.create_model(backbone, pretrained=False).state_dict()
+    # Only the key names and shapes of timm's RGB 1000-class model are needed: built on
+    # the meta device it allocates nothing and draws nothing from the global RNG, so
+    # resolving weights leaves the random stream of the model built next as it was.
+    with torch.device("meta"):
+        reference = timm.create_model(backbone, pretrained=False).state_dict()
     return tuple((key, tuple(tensor.shape)) for key, tensor in reference.items())
 
 
