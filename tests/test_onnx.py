@@ -30,6 +30,10 @@ def test_onnx_classifier_matches_pytorch(exported_bundle: Path, tiny_demo) -> No
     onnx_predictor = Predictor.from_bundle(exported_bundle, runtime="onnx")
     from lungopacity.data.cache import PreparedCache
 
+    # The toy detector is barely trained: its scores sit around the bundle's 0.05 floor, so
+    # compare both runtimes below it (the same floor on each side) to always have boxes.
+    torch_predictor.detector.model.score_thresh = 0.001
+    onnx_predictor.onnx.anchor_info["score_thresh"] = 0.001
     cache = PreparedCache(tiny_demo.paths["cache"])
     x = torch.from_numpy(np.stack([cache.image(i) for i in range(8)])).float().div(255)[:, None]
     np.testing.assert_allclose(onnx_predictor.classify(x), torch_predictor.classify(x), atol=1e-3)
@@ -40,6 +44,10 @@ def test_onnx_detector_boxes_within_a_pixel(exported_bundle: Path, tiny_demo) ->
     onnx_predictor = Predictor.from_bundle(exported_bundle, runtime="onnx")
     from lungopacity.data.cache import PreparedCache
 
+    # The toy detector is barely trained: its scores sit around the bundle's 0.05 floor, so
+    # compare both runtimes below it (the same floor on each side) to always have boxes.
+    torch_predictor.detector.model.score_thresh = 0.001
+    onnx_predictor.onnx.anchor_info["score_thresh"] = 0.001
     cache = PreparedCache(tiny_demo.paths["cache"])
     x = torch.from_numpy(np.stack([cache.image(i) for i in range(8)])).float().div(255)[:, None]
     reference = torch_predictor.detect(x)
