@@ -346,9 +346,12 @@ def test_kfold_out_of_fold_predictions_come_from_the_model_that_did_not_train_on
     # Every usable patient exactly once.
     assert not oof["patientId"].duplicated().any()
     assert sorted(oof["patientId"]) == sorted(cache.table["patientId"].iloc[usable])
-    # Its fold is the stratified assignment of the run's seed, and that fold's training set excludes it.
-    expected_fold = assign_folds(cache.table.iloc[usable], k=3, seed=config.seed)
+    # Its fold is the cache's (the split `prepare --folds 3 --seed 0` made, not one drawn from the
+    # run's seed 7), and that fold's training set excludes it.
+    expected_fold = cache.table.set_index("patientId")["fold"]
     assert (oof.set_index("patientId")["fold"] == expected_fold.reindex(oof["patientId"]).to_numpy()).all()
+    assert not (expected_fold.iloc[usable].to_numpy() == assign_folds(cache.table.iloc[usable], k=3, seed=config.seed)
+                .to_numpy()).all()
     for train_positions, val_positions in _fold_positions(cache, config):
         assert not set(train_positions) & set(val_positions)
         assert len(train_positions) + len(val_positions) == len(usable)
