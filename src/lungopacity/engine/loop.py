@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -399,7 +400,10 @@ class EpochLoop:
                     log.warning("%s epoch %d: non-finite loss (%s); step skipped", self.task.label, epoch + 1,
                                 {k: float(v.detach()) for k, v in losses.items()})
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule moves on over a skipped step on purpose (also before any update).
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    self.scheduler.step()
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
