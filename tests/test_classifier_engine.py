@@ -589,3 +589,13 @@ def test_tensorboard_event_files_hold_the_metrics_lines(reference_run):
         assert [e.step for e in events] == [1, 2, 3], tag
         expected = [dict(flatten_scalars(line))[tag] for line in lines]
         np.testing.assert_allclose([e.value for e in events], expected, rtol=1e-6, equal_nan=True, err_msg=tag)
+
+
+def test_resume_with_another_cache_is_refused(reference_run, tmp_path):
+    from lungopacity.errors import ConfigError
+
+    run = _copy_run(reference_run, tmp_path)
+    write_demo_dataset(tmp_path / "other", 12, size=64, seed=99)
+    prepare_cache(tmp_path / "other", tmp_path / "other_cache", size=64, workers=1, folds=3)
+    with pytest.raises(ConfigError, match="holds other patients than the cache .* this run trained on"):
+        train_classifier(tmp_path / "other_cache", run, resume=True)

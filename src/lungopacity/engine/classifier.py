@@ -379,7 +379,11 @@ def train_classifier(
     if resume:
         if not config_path.exists():
             raise RunFolderError(run_dir, f"nothing to resume (no {CONFIG_FILE})")
-        config = load_classifier_run(run_dir).train
+        saved = load_classifier_run(run_dir)
+        if saved.cache.patients_hash and not saved.cache.matches(cache):
+            raise ConfigError(cache.path, f"holds other patients than the cache {saved.cache.path} this run trained "
+                                          "on; resume with that cache")
+        config = saved.train
     else:
         config = config or ClassifierTrainConfig()
         if config_path.exists():

@@ -89,7 +89,7 @@ from lungopacity.engine.runs import (
     DetectorRun,
     load_detector_run,
 )
-from lungopacity.errors import DataFormatError, RunExistsError, RunFolderError
+from lungopacity.errors import ConfigError, DataFormatError, RunExistsError, RunFolderError
 from lungopacity.io.submission import write_submission
 from lungopacity.metrics.rsna_map import rsna_map
 from lungopacity.models.detector import OPACITY_LABEL, create_detector
@@ -403,7 +403,11 @@ def train_detector(
     if resume:
         if not config_path.exists():
             raise RunFolderError(run_dir, f"nothing to resume (no {CONFIG_FILE})")
-        config = load_detector_run(run_dir, require_best=False).train
+        saved = load_detector_run(run_dir, require_best=False)
+        if saved.cache.patients_hash and not saved.cache.matches(cache):
+            raise ConfigError(cache.path, f"holds other patients than the cache {saved.cache.path} this run trained "
+                                          "on; resume with that cache")
+        config = saved.train
     else:
         config = config or DetectorTrainConfig()
         if config_path.exists():
