@@ -46,14 +46,7 @@ from lungopacity.data.datasets import CacheDataset, collate_samples
 from lungopacity.data.preprocess import network_input
 from lungopacity.data.transforms import AugmentConfig
 from lungopacity.engine.checkpoint import atomic_write_json, remove_stale_temp_files
-from lungopacity.engine.common import (
-    DistributedContext,
-    Progress,
-    SilentProgress,
-    barrier,
-    init_distributed,
-    resolve_device,
-)
+from lungopacity.engine.common import DistributedContext, Progress, barrier, training_context
 from lungopacity.engine.config import ClassifierTrainConfig
 from lungopacity.engine.loop import (
     EpochLoop,
@@ -74,10 +67,10 @@ from lungopacity.engine.runs import (
     VAL_SUMMARY_FILE,
     CacheReference,
     ClassifierRun,
-    load_classifier_run,
     load_run_models,
+    run_settings,
 )
-from lungopacity.errors import ConfigError, DataFormatError, RunExistsError, RunFolderError
+from lungopacity.errors import ConfigError, DataFormatError
 from lungopacity.metrics.classification import one_vs_rest_auc, roc_auc
 from lungopacity.metrics.classification import softmax as softmax_np
 from lungopacity.models.classifier import OpacityClassifier, create_classifier
@@ -375,27 +368,10 @@ def train_classifier(
     """
     run_dir = Path(run_dir)
     cache = PreparedCache(cache_dir)
-    config_path = run_dir / CONFIG_FILE
-    if resume:
-        if not config_path.exists():
-            raise RunFolderError(run_dir, f"nothing to resume (no {CONFIG_FILE})")
-        saved = load_classifier_run(run_dir)
-        if saved.cache.patients_hash and not saved.cache.matches(cache):
-            raise ConfigError(cache.path, f"holds other patients than the cache {saved.cache.path} this run trained "
-                                          "on; resume with that cache")
-        config = saved.train
-    else:
-        config = config or ClassifierTrainConfig()
-        if config_path.exists():
-            raise RunExistsError(run_dir, "already holds a run; pass --resume to continue it or choose another --out")
+    config = run_settings(run_dir, cache, config, resume=resume, default=ClassifierTrainConfig)
     config.validate()
     folds = fold_positions(cache, config.folds)
-    device = resolve_device(config.device)
-    context = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    progress = progress if (progress is not None and context.is_main) else SilentProgress()
+    device, context, progress = training_context(config.device, progress)
     if context.is_main:
         remove_stale_temp_files(run_dir)
 

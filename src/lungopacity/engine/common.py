@@ -83,6 +83,16 @@ def init_distributed(device: torch.device) -> DistributedContext:
     return context
 
 
+def training_context(device_name: str, progress: Progress | None) -> tuple[torch.device, DistributedContext, Progress]:
+    """The device, the distributed context (joined under torchrun) and rank 0's progress reporter."""
+    device = resolve_device(device_name)
+    context = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device, context, (progress if (progress is not None and context.is_main) else SilentProgress())
+
+
 def barrier(context: DistributedContext) -> None:
     if context.enabled:
         dist.barrier()

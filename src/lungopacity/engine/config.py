@@ -21,9 +21,16 @@ BALANCE_MODES = ("none", "loss", "sampler")
 SELECT_MODES = ("best", "last")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in data.items() if k in known})
+class _DictForm:
+    """``to_dict`` / ``from_dict`` of a config dataclass (unknown keys ignored, missing ones defaulted)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -47,7 +54,7 @@ def _check_common(config: Any) -> None:
 
 
 @dataclass
-class ClassifierTrainConfig:
+class ClassifierTrainConfig(_DictForm):
     """Everything that decides a classifier training run."""
 
     backbone: str = "legacy_xception"
@@ -81,13 +88,6 @@ class ClassifierTrainConfig:
     max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
     eval_batch_size: int = 64
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierTrainConfig:
-        return _from_dict(cls, data)
-
     def validate(self) -> None:
         """Raise :class:`ConfigError` (naming the option) for a value training cannot use."""
         _check_common(self)
@@ -98,7 +98,7 @@ class ClassifierTrainConfig:
 
 
 @dataclass
-class DetectorTrainConfig:
+class DetectorTrainConfig(_DictForm):
     """Everything that decides a detector training run."""
 
     arch: str = "retinanet"  # retinanet | fasterrcnn
@@ -125,13 +125,6 @@ class DetectorTrainConfig:
     num_workers: int = 0
     max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
     eval_batch_size: int = 16
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorTrainConfig:
-        return _from_dict(cls, data)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (naming the option) for a value training cannot use."""

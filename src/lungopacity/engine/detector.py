@@ -50,13 +50,7 @@ from lungopacity.data.datasets import CacheDataset, collate_samples
 from lungopacity.data.preprocess import network_input
 from lungopacity.data.transforms import AugmentConfig, BatchAugment
 from lungopacity.engine.checkpoint import atomic_write_json, remove_stale_temp_files
-from lungopacity.engine.common import (
-    Progress,
-    SilentProgress,
-    barrier,
-    init_distributed,
-    resolve_device,
-)
+from lungopacity.engine.common import Progress, barrier, training_context
 from lungopacity.engine.config import DetectorTrainConfig
 from lungopacity.engine.loop import (
     BEST_FILE,
@@ -88,8 +82,9 @@ from lungopacity.engine.runs import (
     CacheReference,
     DetectorRun,
     load_detector_run,
+    run_settings,
 )
-from lungopacity.errors import ConfigError, DataFormatError, RunExistsError, RunFolderError
+from lungopacity.errors import DataFormatError
 from lungopacity.io.submission import write_submission
 from lungopacity.metrics.rsna_map import rsna_map
 from lungopacity.models.detector import OPACITY_LABEL, create_detector
@@ -399,30 +394,13 @@ def train_detector(
     """
     run_dir = Path(run_dir)
     cache = PreparedCache(cache_dir)
-    config_path = run_dir / CONFIG_FILE
-    if resume:
-        if not config_path.exists():
-            raise RunFolderError(run_dir, f"nothing to resume (no {CONFIG_FILE})")
-        saved = load_detector_run(run_dir, require_best=False)
-        if saved.cache.patients_hash and not saved.cache.matches(cache):
-            raise ConfigError(cache.path, f"holds other patients than the cache {saved.cache.path} this run trained "
-                                          "on; resume with that cache")
-        config = saved.train
-    else:
-        config = config or DetectorTrainConfig()
-        if config_path.exists():
-            raise RunExistsError(run_dir, "already holds a run; pass --resume to continue it or choose another --out")
+    config = run_settings(run_dir, cache, config, resume=resume, default=DetectorTrainConfig)
     config.validate()
     train_positions, val_positions = cache.indices("train"), cache.indices("val")
     if len(train_positions) == 0 or len(val_positions) == 0:
         raise DataFormatError(cache.path, f"the cache's split has {len(train_positions)} train and "
                                           f"{len(val_positions)} val patients")
-    device = resolve_device(config.device)
-    context = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    progress = progress if (progress is not None and context.is_main) else SilentProgress()
+    device, context, progress = training_context(config.device, progress)
     if context.is_main:
         remove_stale_temp_files(run_dir)
 

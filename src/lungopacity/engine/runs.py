@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -41,7 +41,7 @@ from lungopacity.engine.checkpoint import atomic_write_json, to_plain
 from lungopacity.engine.config import ClassifierTrainConfig, DetectorTrainConfig
 from lungopacity.engine.loop import BEST_FILE, LAST_FILE, load_best_model
 from lungopacity.engine.postprocess import PostprocessConfig, load_postprocess
-from lungopacity.errors import RunFolderError
+from lungopacity.errors import ConfigError, RunExistsError, RunFolderError
 from lungopacity.models.classifier import OpacityClassifier, classifier_from_config
 from lungopacity.models.detector import OpacityDetector, detector_from_config
 
@@ -54,6 +54,9 @@ TENSORBOARD_DIR = "tensorboard"
 CLASSIFIER_KIND, DETECTOR_KIND = "classifier", "detector"
 PROBABILITY_COLUMNS = tuple(f"p_{key}" for key in CLASS_KEYS)
 LOGIT_COLUMNS = tuple(f"logit_{key}" for key in CLASS_KEYS)
+
+
+TrainConfig = TypeVar("TrainConfig", ClassifierTrainConfig, DetectorTrainConfig)
 
 
 def _as_device(device: str | torch.device) -> torch.device:
@@ -406,3 +409,39 @@ def load_detector_run(
     if require_best and not run.best_checkpoint.is_file():
         raise RunFolderError(run.best_checkpoint, "missing; the run has not finished an epoch (train with --resume)")
     return run
+
+
+# ------------------------------------------------------------------- starting a run
+
+
+def run_settings(
+    run_dir: Path,
+    cache: PreparedCache,
+    config: TrainConfig | None,
+    *,
+    resume: bool,
+    default: type[TrainConfig],
+) -> TrainConfig:
+    """The settings a training run goes with: a new run's (refusing to overwrite a run), or the
+    run's own config.json when resuming (refusing another cache than the one it trained on).
+
+    Raises:
+        RunExistsError: ``run_dir`` holds a run and ``resume`` is False.
+        RunFolderError: ``resume`` without a run to continue, or a damaged one.
+        ConfigError: ``resume`` with a cache of other patients.
+    """
+    if not resume:
+        if (run_dir / CONFIG_FILE).exists():
+            raise RunExistsError(run_dir, "already holds a run; pass --resume to continue it or choose another --out")
+        return config or default()
+    if not (run_dir / CONFIG_FILE).exists():
+        raise RunFolderError(run_dir, f"nothing to resume (no {CONFIG_FILE})")
+    saved: ClassifierRun | DetectorRun
+    if default is ClassifierTrainConfig:
+        saved = load_classifier_run(run_dir)
+    else:
+        saved = load_detector_run(run_dir, require_best=False)
+    if saved.cache.patients_hash and not saved.cache.matches(cache):
+        raise ConfigError(cache.path, f"holds other patients than the cache {saved.cache.path} this run trained on; "
+                                      "resume with that cache")
+    return saved.train  # type: ignore[return-value]
