@@ -46,11 +46,14 @@ LITE0 = dict(backbone="efficientnet_lite0", pretrained="efficientnet-lite0", rec
 XCEPTION = dict(backbone="legacy_xception", pretrained="none", recipe="paper", size=128)
 
 
-def cache_for(data: Path, out: Path, size: int, workers: int) -> Path:
-    """Prepare (or reuse) the cache of ``data`` at ``size`` px under ``out``."""
-    cache = out / f"cache_{size}"
+def cache_for(data: Path, out: Path, size: int, workers: int, folds: int = 5) -> Path:
+    """Prepare (or reuse) the cache of ``data`` at ``size`` px with ``folds`` folds under ``out``.
+
+    Training uses the cache's folds, so a k-fold run needs a cache prepared with that k.
+    """
+    cache = out / (f"cache_{size}" if folds == 5 else f"cache_{size}_{folds}fold")
     start = time.perf_counter()
-    result = prepare_cache(data, cache, size=size, workers=workers)
+    result = prepare_cache(data, cache, size=size, workers=workers, folds=folds)
     if result.n_prepared:
         print(f"prepared {result.n_prepared} images at {size} px in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return cache
@@ -95,7 +98,7 @@ QUALITY_HEADER = (
 
 def part_a(args: argparse.Namespace) -> dict[str, Any]:
     """EfficientNet-Lite0 (offline ImageNet weights), finetune recipe, k-fold OOF at 256 px."""
-    cache = cache_for(args.data, args.out, LITE0["size"], args.workers)
+    cache = cache_for(args.data, args.out, LITE0["size"], args.workers, folds=args.folds)
     run = fresh_run_dir(args.out / f"run_a_lite0_{args.folds}fold{_tag_suffix(args)}")
     config = ClassifierTrainConfig(
         backbone=LITE0["backbone"], pretrained=LITE0["pretrained"], recipe=LITE0["recipe"], folds=args.folds,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sklearn.linear_model import LogisticRegression
 
-from lungopacity.engine.fusion import load_metadata_table, train_fusion
+from lungopacity.engine.fusion import FusionTrainConfig, load_metadata_table, train_fusion
 from lungopacity.io.rsna import stratified_split
 from lungopacity.metrics.classification import roc_auc
 from lungopacity.models.fusion import METADATA_FEATURES, FeatureEncoder
@@ -40,7 +40,7 @@ def main() -> None:
         logistic = LogisticRegression().fit(encoder.encode(train)[0], train["Target"])
         auc_logistic = roc_auc(test["Target"], logistic.predict_proba(encoder.encode(test)[0])[:, 1])
         started = time.perf_counter()
-        result = train_fusion(train, use_probabilities=False, seed=seed)
+        result = train_fusion(train, config=FusionTrainConfig(use_probabilities=False, seed=seed))
         seconds = time.perf_counter() - started
         auc_network = roc_auc(test["Target"], result.model.predict(test).probability)
         print(f"{seed:>4}  {auc_logistic:12.4f}  {auc_network:11.4f}  {auc_network - auc_logistic:+10.4f}"

@@ -346,9 +346,12 @@ def test_kfold_out_of_fold_predictions_come_from_the_model_that_did_not_train_on
     # Every usable patient exactly once.
     assert not oof["patientId"].duplicated().any()
     assert sorted(oof["patientId"]) == sorted(cache.table["patientId"].iloc[usable])
-    # Its fold is the stratified assignment of the run's seed, and that fold's training set excludes it.
-    expected_fold = assign_folds(cache.table.iloc[usable], k=3, seed=config.seed)
+    # Its fold is the cache's (the split `prepare --folds 3 --seed 0` made, not one drawn from the
+    # run's seed 7), and that fold's training set excludes it.
+    expected_fold = cache.table.set_index("patientId")["fold"]
     assert (oof.set_index("patientId")["fold"] == expected_fold.reindex(oof["patientId"]).to_numpy()).all()
+    assert not (expected_fold.iloc[usable].to_numpy() == assign_folds(cache.table.iloc[usable], k=3, seed=config.seed)
+                .to_numpy()).all()
     for train_positions, val_positions in _fold_positions(cache, config):
         assert not set(train_positions) & set(val_positions)
         assert len(train_positions) + len(val_positions) == len(usable)
@@ -401,3 +404,198 @@ def test_finetune_schedule_warms_up_then_decays_to_zero():
     assert seen[4 + 18] == pytest.approx(0.5e-3)
     assert seen[40] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(seen[4:], seen[5:]))
+
+
+# ------------------------------------------------------------------------ run folders
+
+
+def test_the_run_folder_reads_back_as_a_typed_classifier_run(reference_run, tiny_cache):
+    from lungopacity.engine.runs import LOGIT_COLUMNS, load_classifier_run
+
+    saved = json.loads((reference_run / "config.json").read_text())
+    assert saved["kind"] == "classifier"
+    run = load_classifier_run(reference_run)
+    assert run.train == _config()
+    assert run.model_config["backbone"] == "test_resnet"
+    cache = PreparedCache(tiny_cache)
+    assert run.cache.path == cache.path.resolve() and run.cache.size == 64 == cache.size  # the PREPARED size
+    assert run.cache.n == len(cache) and run.cache.matches(cache)
+    assert (run.folds, run.input_size, run.is_kfold) == (1, 32, False)
+    assert run.best_checkpoints == [reference_run / "fold_0" / "best.pt"]
+    models = run.load_models("cpu")
+    assert len(models) == 1 and not models[0].training
+    held_out = run.held_out_predictions()
+    assert set(LOGIT_COLUMNS) <= set(held_out.columns)
+    pd.testing.assert_frame_equal(held_out, pd.read_csv(reference_run / "fold_0" / "val_predictions.csv",
+                                                        dtype={"patientId": str}))
+    # The untyped helper other modules call gives the same models and config.
+    old_models, config = load_run_models(reference_run)
+    assert config == run.to_dict() and config["input_size"] == 32
+    for name, tensor in models[0].state_dict().items():
+        assert torch.equal(old_models[0].state_dict()[name], tensor)
+
+
+def test_missing_incomplete_and_wrong_kind_run_folders_are_one_line_errors(reference_run, tmp_path):
+    from lungopacity.engine.runs import load_classifier_run, load_detector_run
+    from lungopacity.errors import RunFolderError
+
+    def error_of(call) -> str:
+        with pytest.raises(RunFolderError) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert error_of(lambda: load_classifier_run(tmp_path / "absent")).endswith("not a classifier run folder "
+                                                                              "(it does not exist or is a file)")
+    assert "not a detector run (its config.json is for a 'classifier' run)" in error_of(
+        lambda: load_detector_run(reference_run))
+
+    old = tmp_path / "old"
+    shutil.copytree(reference_run, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["kind"]  # a run written before kind existed still loads
+    (old / "config.json").write_text(json.dumps(config))
+    assert load_classifier_run(old).folds == 1
+    (old / "fold_0" / "best.pt").unlink()
+    assert error_of(lambda: load_classifier_run(old).load_models()) == (
+        f"{old / 'fold_0' / 'best.pt'}: missing; the run did not finish fold 0 (train with --resume)")
+    (old / "fold_0" / "val_predictions.csv").unlink()
+    assert error_of(lambda: load_classifier_run(old).held_out_predictions()).startswith(
+        f"{old / 'fold_0' / 'val_predictions.csv'}: missing")
+    del config["model"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert error_of(lambda: load_classifier_run(old)) == f"{old / 'config.json'}: incomplete run config: 'model' missing"
+    (old / "config.json").write_text('{"kind": "classifier", "train": ')
+    assert error_of(lambda: load_classifier_run(old)).startswith(f"{old / 'config.json'}: damaged")
+
+
+def test_kfold_training_uses_the_caches_folds_and_refuses_another_k(tiny_cache, tmp_path):
+    from lungopacity.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        train_classifier(tiny_cache, tmp_path / "run", _config(folds=4))
+    assert str(caught.value).startswith("--folds: 4 differs from the 3 folds of the cache")
+    assert "prepare the cache again with --folds 4" in str(caught.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_select_last_keeps_each_folds_final_epoch(tiny_cache, tmp_path):
+    # patience 1 would stop a best-selecting run early; with select=last every epoch runs.
+    config = _config(select="last", patience=1, epochs=3, recipe="finetune")
+    result = train_classifier(tiny_cache, tmp_path / "run", config)
+    run = tmp_path / "run"
+    assert [r["epoch"] for r in _metric_lines(run)] == [1, 2, 3]
+    best, last = load_checkpoint(run / "fold_0" / "best.pt"), load_checkpoint(run / "fold_0" / "last.pt")
+    assert best["epoch"] == last["epoch"] == 3 and result.folds[0].best_epoch == 3
+    for name, tensor in last["model"].items():
+        assert torch.equal(best["model"][name], tensor), name
+    final_auc = _metric_lines(run)[-1]["val_opacity_auc"]
+    assert result.folds[0].best_auc == pytest.approx(final_auc)
+    # val_predictions.csv holds the last epoch's model on the validation patients.
+    models, saved = load_run_models(run)
+    assert saved["train"]["select"] == "last"
+    cache = PreparedCache(tiny_cache)
+    predictions = pd.read_csv(run / "fold_0" / "val_predictions.csv", dtype={"patientId": str})
+    positions = cache.indices("val")
+    assert predictions["patientId"].tolist() == cache.table["patientId"].iloc[positions].tolist()
+    expected = softmax_np(predict_logits(models, cache, positions, size=config.size))
+    np.testing.assert_allclose(predictions[list(PROBABILITY_COLUMNS)].to_numpy(), expected, atol=1e-5)
+    assert json.loads((run / "val_summary.json").read_text())["select"] == "last"
+
+
+def test_select_is_a_checked_option_of_the_command_line(tiny_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from lungopacity.cli import app
+
+    common = [str(tiny_cache), "--backbone", "test_resnet", "--size", "32", "--epochs", "2", "--batch-size", "8",
+              "--max-steps-per-epoch", "1", "--patience", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "run"), "--select", "last"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["select"] == "last"
+    assert len(_metric_lines(tmp_path / "run")) == 2
+    bad = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "bad"), "--select", "worst"])
+    assert bad.exit_code != 0
+    assert "--select: must be one of best, last, got 'worst'" in bad.output + str(bad.exception)
+
+
+# ---------------------------------------------------------------------- safe resume
+
+
+def _copy_run(reference_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    return run
+
+
+def test_resume_refuses_a_crafted_last_pt_without_running_it(reference_run, tiny_cache, tmp_path):
+    from lungopacity.errors import CheckpointError
+
+    run = _copy_run(reference_run, tmp_path)
+    marker = tmp_path / "payload_ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    torch.save({"model": {}, "optimizer": Exploit(), "epoch": 1}, run / "fold_0" / "last.pt")
+    with pytest.raises(CheckpointError) as caught:
+        train_classifier(tiny_cache, run, resume=True)
+    assert str(caught.value).startswith(f"{run / 'fold_0' / 'last.pt'}: refused")
+    assert not marker.exists()
+
+
+def test_resume_from_a_truncated_last_pt_is_one_line(reference_run, tiny_cache, tmp_path):
+    from lungopacity.errors import CheckpointError
+
+    run = _copy_run(reference_run, tmp_path)
+    last = run / "fold_0" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    with pytest.raises(CheckpointError) as caught:
+        train_classifier(tiny_cache, run, resume=True)
+    assert str(caught.value).startswith(f"{last}: damaged or truncated") and "\n" not in str(caught.value)
+
+
+def test_resume_removes_the_temporary_files_a_killed_write_left(reference_run, tiny_cache, tmp_path):
+    run = _copy_run(reference_run, tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # its pid is a process that is gone, as after a SIGKILL
+    stale = [run / "fold_0" / f".last.pt.tmp-{process.pid}", run / f".config.json.tmp-{process.pid}"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1024)
+    train_classifier(tiny_cache, run, resume=True)  # a finished run: nothing to train, files checked
+    assert not any(path.exists() for path in stale)
+    _assert_same_final_state(run, reference_run)
+
+
+# ------------------------------------------------------------------------ TensorBoard
+
+
+def test_tensorboard_event_files_hold_the_metrics_lines(reference_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lungopacity.engine.tensorboard import flatten_scalars
+
+    lines = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    folder = reference_run / "tensorboard" / "fold_0"
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"train_loss", "val_loss", "val_opacity_auc", "val_class_auc/Lung Opacity", "lr"} <= set(tags["scalars"])
+    assert "val_opacity" in tags["tensors"]  # the precision-recall curve of each evaluation
+    for tag in tags["scalars"]:
+        events = accumulator.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3], tag
+        expected = [dict(flatten_scalars(line))[tag] for line in lines]
+        np.testing.assert_allclose([e.value for e in events], expected, rtol=1e-6, equal_nan=True, err_msg=tag)
+
+
+def test_resume_with_another_cache_is_refused(reference_run, tmp_path):
+    from lungopacity.errors import ConfigError
+
+    run = _copy_run(reference_run, tmp_path)
+    write_demo_dataset(tmp_path / "other", 12, size=64, seed=99)
+    prepare_cache(tmp_path / "other", tmp_path / "other_cache", size=64, workers=1, folds=3)
+    with pytest.raises(ConfigError, match="holds other patients than the cache .* this run trained on"):
+        train_classifier(tmp_path / "other_cache", run, resume=True)

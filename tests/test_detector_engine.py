@@ -326,3 +326,32 @@ def test_jet_colormap_and_heatmap_blend():
     np.testing.assert_array_equal(heatmap_overlay(gray, heat, alpha=0.0), to_rgb_uint8(gray))
     half = heatmap_overlay(gray, np.zeros((8, 8)), alpha=0.5)
     np.testing.assert_array_equal(half[0, 0], [64, 64, 128])  # (128 + 0) / 2, (128 + 128) / 2
+
+
+# --------------------------------------------------------------------- run folders
+
+
+def test_detector_run_folder_reads_back_typed(tmp_path, tiny_cache):
+    from lungopacity.engine.runs import DetectorRun, load_classifier_run
+    from lungopacity.errors import CheckpointError, RunFolderError
+
+    config = tiny_config(epochs=1)
+    train_detector(tiny_cache, tmp_path / "run", config)
+    run = load_detector_run(tmp_path / "run")
+    assert isinstance(run, DetectorRun) and run.train == config
+    cache = PreparedCache(tiny_cache)
+    assert run.cache.size == 64 and run.cache.matches(cache)
+    assert (run.input_size, run.image_size) == (64, 64)
+    assert run.n_train == len(cache.indices("train")) and run.n_val == len(cache.indices("val"))
+    assert run.model_config["backbone"] == TINY_BACKBONE and not run.model.training
+    assert run.postprocess == load_detector_run(tmp_path / "run").postprocess
+    assert run.best_checkpoint == tmp_path / "run" / "best.pt"
+
+    with pytest.raises(RunFolderError, match="not a classifier run \\(its config.json is for a 'detector' run\\)"):
+        load_classifier_run(tmp_path / "run")
+    (tmp_path / "run" / "best.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match="best.pt: damaged or truncated"):
+        load_detector_run(tmp_path / "run").load_model()
+    (tmp_path / "run" / "best.pt").unlink()
+    with pytest.raises(RunFolderError, match="best.pt: missing; the run has not finished an epoch"):
+        load_detector_run(tmp_path / "run")

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from lungopacity.engine.fusion import (
     OOF_COLUMNS,
+    FusionTrainConfig,
     build_fusion_table,
     cross_fit_scores,
     load_metadata_table,
@@ -23,6 +24,7 @@ from lungopacity.engine.fusion import (
     train_fusion,
     validate_oof,
 )
+from lungopacity.errors import ConfigError
 from lungopacity.io.rsna import stratified_split
 from lungopacity.models.fusion import (
     FUSION_FEATURES,
@@ -212,11 +214,11 @@ def test_validate_oof_accepts_one_row_per_patient_and_refuses_the_rest() -> None
 def test_training_refuses_an_oof_table_that_does_not_cover_each_patient_once() -> None:
     table, oof = synthetic_tables(n=60)
     with pytest.raises(ValueError, match="duplicate patients"):
-        train_fusion(table, pd.concat([oof, oof.iloc[[0]]], ignore_index=True), max_epochs=2)
+        train_fusion(table, pd.concat([oof, oof.iloc[[0]]], ignore_index=True), FusionTrainConfig(max_epochs=2))
     with pytest.raises(ValueError, match="misses 1"):
-        train_fusion(table, oof.iloc[1:], max_epochs=2)
+        train_fusion(table, oof.iloc[1:], FusionTrainConfig(max_epochs=2))
     with pytest.raises(ValueError, match="out-of-fold table"):
-        train_fusion(table, None, use_probabilities=True, max_epochs=2)
+        train_fusion(table, None, FusionTrainConfig(use_probabilities=True, max_epochs=2))
 
 
 def test_build_fusion_table_joins_probabilities_by_patient() -> None:
@@ -233,7 +235,7 @@ def test_build_fusion_table_joins_probabilities_by_patient() -> None:
 
 def test_early_stopping_restores_the_best_weights_and_is_reproducible() -> None:
     table, oof = synthetic_tables(n=800)
-    result = train_fusion(table, oof, seed=3, max_epochs=60, patience=10)
+    result = train_fusion(table, oof, FusionTrainConfig(seed=3, max_epochs=60, patience=10))
     best = min(result.history, key=lambda h: h["val_loss"])
     assert result.best_epoch == best["epoch"]
     val_rows = table.set_index("patientId").loc[result.val_ids].reset_index()
@@ -247,14 +249,28 @@ def test_early_stopping_restores_the_best_weights_and_is_reproducible() -> None:
     assert len(set(result.train_ids) & set(result.val_ids)) == 0
     assert len(result.train_ids) + len(result.val_ids) == len(table)
 
+    # The keyword shorthand is the same config.
     again = train_fusion(table, oof, seed=3, max_epochs=60, patience=10)
     np.testing.assert_array_equal(again.model.predict(val_rows).probability, probability)
+
+
+def test_fusion_config_round_trips_and_refuses_bad_settings() -> None:
+    config = FusionTrainConfig(seed=4, hidden=(8,), batch_size=None, monitor="auc")
+    assert FusionTrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert FusionTrainConfig.from_dict({"seed": 2, "from_a_newer_version": 1}) == FusionTrainConfig(seed=2)
+    table, oof = synthetic_tables(n=200)
+    for bad, option in (({"monitor": "f1"}, "monitor"), ({"val_fraction": 1.0}, "val_fraction"),
+                        ({"batch_size": 0}, "batch_size"), ({"patience": 0}, "max_epochs/patience")):
+        with pytest.raises(ConfigError, match=f"^{option}: "):
+            train_fusion(table, oof, FusionTrainConfig(**bad))
+    with pytest.raises(TypeError, match="unknown fusion training setting"):
+        train_fusion(table, oof, epochs=3)
 
 
 @pytest.fixture(scope="module")
 def cross_fitted() -> pd.DataFrame:
     table, oof = synthetic_tables(n=2400, n_folds=4)
-    return cross_fit_scores(table, oof, seed=0, max_epochs=200, patience=15)
+    return cross_fit_scores(table, oof, FusionTrainConfig(seed=0, max_epochs=200, patience=15))
 
 
 def test_fusion_beats_image_only_when_view_carries_independent_signal(cross_fitted: pd.DataFrame) -> None:
@@ -294,7 +310,7 @@ def test_fusion_comparison_report_files_and_figures(cross_fitted: pd.DataFrame, 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path: Path) -> None:
     table, oof = synthetic_tables(n=400)
-    result = train_fusion(table, oof, seed=1, max_epochs=20, patience=5)
+    result = train_fusion(table, oof, FusionTrainConfig(seed=1, max_epochs=20, patience=5))
     folder = result.save(tmp_path / "fusion")
     loaded = load_fusion(folder)
     assert loaded.features == FUSION_FEATURES
@@ -317,7 +333,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path: Path) -> Non
 
 def test_metadata_only_model_round_trip(tmp_path: Path) -> None:
     table, _ = synthetic_tables(n=300)
-    result = train_fusion(table, use_probabilities=False, seed=0, max_epochs=10, patience=5)
+    result = train_fusion(table, config=FusionTrainConfig(use_probabilities=False, seed=0, max_epochs=10, patience=5))
     save_fusion(tmp_path, result.net, result.encoder, {"note": np.float32(0.5)})
     loaded = load_fusion(tmp_path)
     assert loaded.features == METADATA_FEATURES
@@ -340,7 +356,7 @@ def test_metadata_network_on_real_rsna_matches_or_beats_logistic_regression() ->
     auc_logistic = roc_auc_score(test["Target"], logistic.predict_proba(encoder.encode(test)[0])[:, 1])
     assert 0.695 <= auc_logistic <= 0.725  # the known baseline (0.70-0.72) on such splits
 
-    result = train_fusion(train, use_probabilities=False, seed=0)
+    result = train_fusion(train, config=FusionTrainConfig(use_probabilities=False, seed=0))
     auc_network = roc_auc_score(test["Target"], result.model.predict(test).probability)
     assert 0.69 <= auc_network <= 0.74
     assert auc_network >= auc_logistic - 0.005

@@ -193,12 +193,21 @@ def train_classifier_command(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     recipe: str = typer.Option("finetune", "--recipe", help="paper (SGD 0.045, x0.94 / 2 epochs) | finetune (AdamW + cosine)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override the recipe's learning rate."),
-    folds: int = typer.Option(1, "--folds", min=1, help="1: the cache's train/val split; K >= 2: K-fold with out-of-fold predictions."),
+    folds: int = typer.Option(
+        1, "--folds", min=1,
+        help="1: the cache's train/val split; K >= 2: the cache's K folds (as made by prepare --folds K), "
+        "with out-of-fold predictions.",
+    ),
     seed: int = typer.Option(0, "--seed"),
     balance: str = typer.Option("none", "--balance", help="Class balance: none | loss | sampler."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Scale/shift/rotation, brightness/contrast/gamma."),
     hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (off by default: anatomy is not symmetric)."),
     patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without a better validation AUC."),
+    select: str = typer.Option(
+        "best", "--select",
+        help="Weights each fold keeps: best (best validation AUC; chosen on the patients of oof.csv, optimistic) "
+        "| last (the final epoch, no early stopping).",
+    ),
     grad_clip: float = typer.Option(5.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
@@ -208,8 +217,9 @@ def train_classifier_command(
     """Train the 3-class classifier (Normal / Not Normal / Lung Opacity) on a prepared cache.
 
     Writes OUT/config.json, OUT/metrics.jsonl, atomic checkpoints per fold
-    (last.pt every epoch, best.pt by validation opacity AUC) and, with --folds K,
-    OUT/oof.csv with out-of-fold probabilities for every patient. Run it under
+    (last.pt every epoch, best.pt by validation opacity AUC or, with --select last, the
+    last epoch) and, with --folds K, OUT/oof.csv with out-of-fold probabilities for every
+    patient; OUT/tensorboard/ when the tensorboard package is installed. Run it under
     `torchrun --nproc_per_node N` for distributed data-parallel training.
     """
     from lungopacity.engine.classifier import ClassifierTrainConfig, train_classifier
@@ -217,7 +227,7 @@ def train_classifier_command(
     config = ClassifierTrainConfig(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, recipe=recipe,
         lr=lr, folds=folds, seed=seed, balance=balance, augment=augment, hflip=hflip, patience=patience,
-        grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+        select=select, grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
     m = result.metrics

@@ -104,7 +104,9 @@ def run_demo(
     done()
 
     done = step("prepare", f"preparing the images at {settings.cache_size} px")
-    prepare_cache(paths["data"], paths["cache"], size=settings.cache_size, seed=settings.seed)
+    # The cache's folds are the classifier's k-fold split (training reads them, never redraws them).
+    prepare_cache(paths["data"], paths["cache"], size=settings.cache_size, seed=settings.seed,
+                  folds=max(2, settings.classifier_folds))
     done()
 
     done = step("classifier", f"training the classifier ({settings.classifier_backbone}, {settings.classifier_folds}-fold)")

@@ -70,6 +70,10 @@ class CheckpointError(LungOpacityError, ValueError):
     """A checkpoint file is damaged, truncated or not one this package wrote."""
 
 
+class TrainingDivergedError(LungOpacityError, FloatingPointError):
+    """Training cannot go on: every step of an epoch had a non-finite loss (``source``: the epoch)."""
+
+
 class BundleError(LungOpacityError, ValueError):
     """A model bundle that cannot be used: incompatible version, a missing or damaged part."""
 
@@ -88,4 +92,5 @@ __all__ = [
     "PretrainedWeightsError",
     "RunExistsError",
     "RunFolderError",
+    "TrainingDivergedError",
 ]

@@ -1,1 +1,5 @@
-"""Training loops, checkpoints and distributed set-up."""
+"""Training: one epoch loop (``loop``) with its checkpoints (``checkpoint``) and event files
+(``tensorboard``), the trainers that plug into it (``classifier``, ``detector``; ``fusion``
+trains its small network on its own), their settings (``config``), the run folders they
+write as types (``runs``), and the evaluations of trained runs (``evaluate``,
+``evaluate_detection``)."""

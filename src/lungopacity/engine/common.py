@@ -1,4 +1,5 @@
-"""Pieces every training loop shares: devices, distributed set-up, progress, recipes."""
+"""Pieces the training loop (:mod:`.loop`) and the evaluations share: devices, distributed set-up,
+progress, per-epoch seeds, recipes."""
 
 from __future__ import annotations
 
@@ -82,6 +83,16 @@ def init_distributed(device: torch.device) -> DistributedContext:
     return context
 
 
+def training_context(device_name: str, progress: Progress | None) -> tuple[torch.device, DistributedContext, Progress]:
+    """The device, the distributed context (joined under torchrun) and rank 0's progress reporter."""
+    device = resolve_device(device_name)
+    context = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device, context, (progress if (progress is not None and context.is_main) else SilentProgress())
+
+
 def barrier(context: DistributedContext) -> None:
     if context.enabled:
         dist.barrier()
@@ -91,7 +102,9 @@ def broadcast_flag(flag: bool, context: DistributedContext) -> bool:
     """Rank 0's decision (e.g. early stop) for every rank."""
     if not context.enabled:
         return flag
-    tensor = torch.tensor([1 if flag else 0])
+    # NCCL moves only CUDA tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())
 
@@ -112,70 +125,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line (metrics.jsonl)."""
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-
-
-class ResumableTrainer:
-    """The training state every epoch loop checkpoints, and how it comes back.
-
-    Subclasses set ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``augment``
-    (or None) and ``config`` (with ``to_dict()``); the loop bookkeeping lives here.
-    ``best_score`` is the validation figure that chooses ``best.pt`` (opacity AUC for
-    the classifier, the RSNA metric for the detector).
-    """
-
-    model: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: Any
-    augment: Any
-    config: Any
-
-    def init_bookkeeping(self) -> None:
-        self.epoch = 0
-        # -inf: any first score wins, also a selection score below -1 (e.g. -val_loss).
-        self.best_score = float("-inf")
-        self.best_epoch = -1
-        self.epochs_since_best = 0
-        self.history: list[dict[str, Any]] = []
-        self.finished = False
-
-    def state(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue exactly (see engine.checkpoint)."""
-        from lungopacity.engine.checkpoint import rng_state
-
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "augment": self.augment.state_dict() if self.augment else None,
-            "epoch": self.epoch,
-            "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
-            "epochs_since_best": self.epochs_since_best,
-            "history": self.history,
-            "finished": self.finished,
-            "rng": rng_state(),
-            "model_config": self.model.config(),
-            "train_config": self.config.to_dict(),
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state` captured."""
-        from lungopacity.engine.checkpoint import set_rng_state
-
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.augment and state.get("augment"):
-            self.augment.load_state_dict(state["augment"])
-        self.epoch = state["epoch"]
-        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
-        self.epochs_since_best = state["epochs_since_best"]
-        self.history = state["history"]
-        self.finished = state.get("finished", False)
-        set_rng_state(state["rng"])
 
 
 # ------------------------------------------------------------------------ recipes

@@ -16,6 +16,7 @@ A run folder holds
   validation RSNA metric (at the best confidence threshold of that epoch);
 * ``last.pt`` — the complete state after the last finished epoch (model, optimiser,
   scheduler, grad scaler, augmentation and RNG state), written atomically;
+* ``tensorboard/`` — event files, when the tensorboard package is installed;
 * ``best.pt`` — the weights with the best validation RSNA metric;
 * ``val_predictions.csv`` — the best model's raw detections on the validation patients,
   in the submission format (original pixels);
@@ -23,118 +24,81 @@ A run folder holds
   predictions (:mod:`lungopacity.postprocess`; no gating: the classifier is not
   part of this run) and every setting tried.
 
-Each epoch's shuffle, augmentation and randomness are seeded from (seed, epoch), so a run
-killed mid-epoch and resumed with ``resume=True`` ends in the state of an uninterrupted run.
-On CUDA the model trains with automatic mixed precision and channels-last weights.
+The epochs run in :class:`lungopacity.engine.loop.EpochLoop`: each epoch's shuffle,
+augmentation and randomness are seeded from (seed, epoch), so a run killed mid-epoch and
+resumed with ``resume=True`` ends in the state of an uninterrupted run. On CUDA the model
+trains with automatic mixed precision and channels-last weights. The folder is read back
+by :func:`lungopacity.engine.runs.load_detector_run`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, RandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 
 from lungopacity.data.cache import PreparedCache
 from lungopacity.data.datasets import CacheDataset, collate_samples
 from lungopacity.data.preprocess import network_input
 from lungopacity.data.transforms import AugmentConfig, BatchAugment
-from lungopacity.engine.checkpoint import (
-    atomic_torch_save,
-    atomic_write_json,
-    load_checkpoint,
-    seed_everything,
-)
-from lungopacity.engine.common import (
-    DistributedContext,
-    Progress,
-    ResumableTrainer,
-    SilentProgress,
-    append_jsonl,
-    barrier,
-    broadcast_flag,
-    build_optimizer,
-    build_scheduler,
-    epoch_seed,
-    init_distributed,
-    resolve_device,
+from lungopacity.engine.checkpoint import atomic_write_json, remove_stale_temp_files
+from lungopacity.engine.common import Progress, barrier, training_context
+from lungopacity.engine.config import DetectorTrainConfig
+from lungopacity.engine.loop import (
+    BEST_FILE,
+    LAST_FILE,
+    EpochLoop,
+    Evaluation,
+    LoopFiles,
+    LoopSettings,
+    StepContext,
+    TrainingTask,
+    load_best_weights,
 )
 from lungopacity.postprocess import (
     PostprocessConfig,
-    load_postprocess,
     rsna_map_by_threshold,
     save_postprocess,
     threshold_candidates,
     tune_postprocess,
 )
+from lungopacity.engine.runs import (
+    CONFIG_FILE,
+    DETECTOR_KIND,
+    METRICS_FILE,
+    POSTPROCESS_FILE,
+    POSTPROCESS_GRID_FILE,
+    TENSORBOARD_DIR,
+    VAL_PREDICTIONS_FILE,
+    VAL_SUMMARY_FILE,
+    CacheReference,
+    DetectorRun,
+    load_detector_run,
+    run_settings,
+)
+from lungopacity.errors import DataFormatError
 from lungopacity.io.submission import write_submission
 from lungopacity.metrics.rsna_map import rsna_map
-from lungopacity.models.detector import (
-    ARCHITECTURES,
-    DEFAULT_BACKBONE,
-    OPACITY_LABEL,
-    OpacityDetector,
-    create_detector,
-    detector_from_config,
-)
+from lungopacity.models.detector import OPACITY_LABEL, create_detector
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, METRICS_FILE = "config.json", "metrics.jsonl"
-LAST_FILE, BEST_FILE = "last.pt", "best.pt"
-VAL_PREDICTIONS_FILE, POSTPROCESS_FILE, POSTPROCESS_GRID_FILE = (
-    "val_predictions.csv",
-    "postprocess.json",
-    "postprocess_grid.csv",
-)
-RUN_KIND = "detector"
+RUN_KIND = DETECTOR_KIND
 
-
-@dataclass
-class DetectorTrainConfig:
-    """Everything that decides a detector training run."""
-
-    arch: str = "retinanet"  # retinanet | fasterrcnn
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: str = "none"  # none | efficientnet-lite0 (offline) | timm (online) | PATH
-    size: int | None = None  # the detector's image_size; None: the cache's size
-    epochs: int = 12
-    batch_size: int = 8
-    recipe: str = "finetune"  # see engine.common.build_optimizer
-    lr: float | None = 3e-4  # None: the recipe's default
-    weight_decay: float | None = None
-    seed: int = 0
-    augment: bool = True
-    hflip: bool = False
-    grad_clip: float = 10.0
-    patience: int = 5  # epochs without a better validation metric before stopping
-    fpn_channels: int = 128
-    trainable_layers: int | None = None  # backbone levels that train (None: all)
-    score_thresh: float = 0.05  # lowest raw detection score kept (post-processing tunes the real one)
-    detections_per_img: int = 8
-    amp: bool = True  # CUDA only
-    channels_last: bool = True  # CUDA only
-    device: str = "auto"
-    num_workers: int = 0
-    max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
-    eval_batch_size: int = 16
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorTrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+__all__ = [
+    "BEST_FILE", "CONFIG_FILE", "LAST_FILE", "METRICS_FILE", "POSTPROCESS_FILE", "POSTPROCESS_GRID_FILE", "RUN_KIND",
+    "VAL_PREDICTIONS_FILE", "BoxPredictions", "DetectorRun", "DetectorTrainConfig", "DetectorTrainResult",
+    "best_threshold_map", "detection_losses", "detection_targets", "gt_boxes", "load_detector_run", "predict_boxes",
+    "prepare_detection_batch", "train_detector",
+]
 
 
 @dataclass
@@ -156,16 +120,6 @@ class DetectorTrainResult:
     epochs_run: int
     postprocess: PostprocessConfig
     val_map_postprocessed: float
-
-
-@dataclass
-class DetectorRun:
-    """A trained detector with what it needs at prediction time."""
-
-    run_dir: Path
-    model: OpacityDetector
-    config: dict[str, Any]
-    postprocess: PostprocessConfig
 
 
 # ----------------------------------------------------------------------- batches
@@ -306,149 +260,55 @@ def best_threshold_map(gt: list[np.ndarray], predictions: BoxPredictions) -> tup
 # ---------------------------------------------------------------------- training
 
 
-class _DetectorTrainer(ResumableTrainer):
+class _DetectorTask(TrainingTask):
+    """The detector's share of the loop: torchvision loss steps and an RSNA-metric evaluation."""
+
+    label = "detector"
+
     def __init__(
         self,
-        run_dir: Path,
         cache: PreparedCache,
         train_positions: np.ndarray,
         val_positions: np.ndarray,
         config: DetectorTrainConfig,
         device: torch.device,
-        context: DistributedContext,
-        progress: Progress,
     ) -> None:
-        self.run_dir, self.cache = run_dir, cache
+        self.cache, self.config, self.device = cache, config, device
         self.train_positions, self.val_positions = train_positions, val_positions
-        self.config, self.device, self.context, self.progress = config, device, context, progress
-        self.use_cuda_extras = device.type == "cuda"
-        seed_everything(epoch_seed(config.seed, -1))
-        self.model = create_detector(
-            config.arch, config.backbone, pretrained=config.pretrained, image_size=config.size or cache.size,
+        self.train_dataset = CacheDataset(cache, train_positions)
+        self.train_config = config.to_dict()
+        self.gt = gt_boxes(cache, val_positions)
+
+    def build_model(self) -> torch.nn.Module:
+        config = self.config
+        return create_detector(
+            config.arch, config.backbone, pretrained=config.pretrained, image_size=config.size or self.cache.size,
             score_thresh=config.score_thresh, detections_per_img=config.detections_per_img,
             trainable_layers=config.trainable_layers, fpn_channels=config.fpn_channels,
-        ).to(device)
-        if self.use_cuda_extras and config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_model: torch.nn.Module = self.model
-        if context.enabled:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=config.trainable_layers is not None,
-            )
-        self.dataset = CacheDataset(cache, train_positions)
-        self.batch_size = max(1, min(config.batch_size, len(self.dataset) // context.world_size))
-        steps = max(len(self.dataset) // (self.batch_size * context.world_size), 1)
-        if config.max_steps_per_epoch:
-            steps = min(steps, config.max_steps_per_epoch)
-        self.steps_per_epoch = steps
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config.recipe, parameters, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = build_scheduler(config.recipe, self.optimizer, steps_per_epoch=steps, epochs=config.epochs)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_cuda_extras and config.amp)
-        augment_config = AugmentConfig(hflip_probability=0.5 if config.hflip else 0.0)
-        self.augment = BatchAugment(augment_config) if config.augment else None
-        self.init_bookkeeping()
-        # The best epoch's validation detections, kept so finish() need not predict again
-        # (absent after a resume: then finish() predicts with best.pt).
-        self.best_predictions: BoxPredictions | None = None
-
-    # -- state
-    # -- loader
-    def _loader(self, epoch: int) -> DataLoader:
-        seed = epoch_seed(self.config.seed, epoch)
-        if self.context.enabled:
-            sampler: Any = DistributedSampler(
-                self.dataset, num_replicas=self.context.world_size, rank=self.context.rank, shuffle=True,
-                seed=self.config.seed, drop_last=True,
-            )
-            sampler.set_epoch(epoch)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            num_samples = min(self.steps_per_epoch * self.batch_size, len(self.dataset))
-            sampler = RandomSampler(self.dataset, num_samples=num_samples, generator=generator)
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-            collate_fn=collate_samples, num_workers=self.config.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
 
-    # -- one epoch
-    def train_epoch(self) -> dict[str, Any]:
-        epoch = self.epoch
-        seed = epoch_seed(self.config.seed, epoch)
-        torch.manual_seed(seed)
-        if self.augment:
-            self.augment.generator.manual_seed(seed + 1)
-        self.train_model.train()
-        loader = self._loader(epoch)
-        sums: dict[str, float] = {}
-        seen, steps_done, skipped, wait_time = 0, 0, 0, 0.0
-        start = time.perf_counter()
-        if self.context.is_main:
-            self.progress.start(f"detector epoch {epoch + 1}/{self.config.epochs}", self.steps_per_epoch)
-        iterator = iter(loader)
-        for _ in range(self.steps_per_epoch):
-            t0 = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            wait_time += time.perf_counter() - t0
-            images, targets = prepare_detection_batch(batch, self.device, self.augment)
-            losses = detection_losses(self.train_model, images, targets, amp=self.config.amp)
-            loss = losses["total"]
-            if not torch.isfinite(loss):
-                # A diverging batch must not poison the weights; the epoch goes on without it.
-                skipped += 1
-                log.warning("epoch %d: non-finite detector loss (%s); step skipped", epoch + 1,
-                            {k: float(v) for k, v in losses.items()})
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.config.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(images)
-            seen += len(images)
-            steps_done += 1
-            if self.context.is_main:
-                elapsed = time.perf_counter() - start
-                self.progress.update(1, loss=f"{sums['total'] / seen:.4f}",
-                                     img_s=f"{seen * self.context.world_size / elapsed:.1f}")
-        if self.context.is_main:
-            self.progress.close()
-        if steps_done == 0 and skipped:
-            raise FloatingPointError(
-                f"epoch {epoch + 1}: every step had a non-finite loss; lower --lr or check the data"
-            )
-        seconds = time.perf_counter() - start
-        record = {f"train_{name}" if name != "total" else "train_loss": total / max(seen, 1)
-                  for name, total in sums.items()}
-        record.update({
-            "images_per_s": seen * self.context.world_size / max(seconds, 1e-9),
-            "data_wait_fraction": wait_time / max(seconds, 1e-9),
-            "train_seconds": seconds,
-            "skipped_steps": skipped,
-        })
-        return record
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
 
-    def predict_val(self) -> BoxPredictions:
+    def ddp_options(self) -> dict[str, Any]:
+        return {"find_unused_parameters": self.config.trainable_layers is not None}
+
+    def train_step(self, batch: dict[str, Any], step: StepContext) -> dict[str, torch.Tensor]:
+        images, targets = prepare_detection_batch(batch, step.device, step.augment)
+        losses = detection_losses(step.model, images, targets, amp=step.amp)
+        total = losses.pop("total")
+        return {"loss": total, **losses}
+
+    def predict_val(self, model: torch.nn.Module) -> BoxPredictions:
         return predict_boxes(
-            self.model, self.cache, self.val_positions, batch_size=self.config.eval_batch_size,
+            model, self.cache, self.val_positions, batch_size=self.config.eval_batch_size,
             device=self.device, amp=self.config.amp,
         )
 
-    def evaluate(self) -> tuple[dict[str, Any], BoxPredictions]:
+    def evaluate(self, model: torch.nn.Module) -> Evaluation:
         start = time.perf_counter()
-        predictions = self.predict_val()
-        gt = gt_boxes(self.cache, self.val_positions)
+        predictions = self.predict_val(model)
+        gt = self.gt
         value, threshold = best_threshold_map(gt, predictions)
         all_boxes = rsna_map(gt, predictions.boxes, predictions.scores)
         summary = {
@@ -459,75 +319,53 @@ class _DetectorTrainer(ResumableTrainer):
             "val_boxes_per_image": float(np.mean([len(b) for b in predictions.boxes])) if gt else float("nan"),
             "val_seconds": time.perf_counter() - start,
         }
-        return summary, predictions
+        return Evaluation(summary, value if np.isfinite(value) else -1.0, payload=predictions)
 
-    def run(self) -> None:
-        config = self.config
-        last_path, best_path = self.run_dir / LAST_FILE, self.run_dir / BEST_FILE
-        metrics_path = self.run_dir / METRICS_FILE
-        while self.epoch < config.epochs and not self.finished:
-            epoch_lr = self.optimizer.param_groups[0]["lr"]  # the lr of this epoch's first step
-            train_stats = self.train_epoch()
-            summary, predictions = self.evaluate()
-            value = summary["val_rsna_map"]
-            selection = value if np.isfinite(value) else -1.0
-            improved = selection > self.best_score
-            if improved:
-                self.best_score, self.best_epoch, self.epochs_since_best = selection, self.epoch, 0
-                self.best_predictions = predictions
-            else:
-                self.epochs_since_best += 1
-            record = {"epoch": self.epoch + 1, "lr": epoch_lr, **train_stats, **summary}
-            self.history.append(record)
-            self.epoch += 1
-            stop = broadcast_flag(self.epochs_since_best >= config.patience, self.context)
-            self.finished = stop or self.epoch >= config.epochs
-            if self.context.is_main:
-                if improved:
-                    atomic_torch_save(
-                        {"model": self.model.state_dict(), "model_config": self.model.config(), "epoch": self.epoch,
-                         "metrics": record, "train_config": config.to_dict()},
-                        best_path,
-                    )
-                atomic_torch_save(self.state(), last_path)
-                append_jsonl(metrics_path, record)
-                log.info(
-                    "detector epoch %d: train loss %.4f, val RSNA metric %.4f (score >= %.3f), %.1f img/s%s",
-                    self.epoch, record.get("train_loss", float("nan")), value, summary["val_score_threshold"],
-                    record["images_per_s"], " (best)" if improved else "",
-                )
-            barrier(self.context)
-            if stop:
-                log.info("detector: early stop after %d epochs without a better validation metric", config.patience)
+    def describe(self, record: dict[str, Any]) -> str:
+        return (f"detector epoch {record['epoch']}: train loss {record.get('train_loss', float('nan')):.4f}, "
+                f"val RSNA metric {record['val_rsna_map']:.4f} (score >= {record['val_score_threshold']:.3f})")
 
-    def finish(self) -> DetectorTrainResult:
-        """Best weights -> validation detections, tuned post-processing, files."""
-        best = load_checkpoint(self.run_dir / BEST_FILE, map_location=self.device)
-        self.model.load_state_dict(best["model"])
-        predictions = self.best_predictions if self.best_predictions is not None else self.predict_val()
-        gt = gt_boxes(self.cache, self.val_positions)
-        try:
-            postprocess, grid = tune_postprocess(gt, predictions.boxes, predictions.scores)
-            tuned_map = float(grid["rsna_map"].iloc[0])
-        except ValueError as exc:  # no validation ground truth and no detections at all
-            log.warning("post-processing not tuned: %s", exc)
-            postprocess, grid, tuned_map = PostprocessConfig(), pd.DataFrame(), float("nan")
-        if self.context.is_main:
-            write_submission(self.run_dir / VAL_PREDICTIONS_FILE, predictions.patient_ids, predictions.boxes,
-                             predictions.scores)
-            save_postprocess(
-                self.run_dir / POSTPROCESS_FILE, postprocess, tuned_on="val", n_patients=len(gt),
-                val_rsna_map=tuned_map, best_epoch=int(best["epoch"]),
-            )
-            grid.to_csv(self.run_dir / POSTPROCESS_GRID_FILE, index=False)
-            atomic_write_json(
-                {"best_epoch": int(best["epoch"]), "best_val_rsna_map": float(self.best_score),
-                 "val_rsna_map_postprocessed": tuned_map, "postprocess": postprocess.to_dict(),
-                 "epochs_run": self.epoch, "n_val": len(gt)},
-                self.run_dir / "val_summary.json",
-            )
-        return DetectorTrainResult(self.run_dir, int(best["epoch"]), float(self.best_score), self.epoch, postprocess,
-                                   tuned_map)
+
+def _loop_settings(config: DetectorTrainConfig, device: torch.device) -> LoopSettings:
+    return LoopSettings(
+        epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recipe=config.recipe, lr=config.lr,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip, patience=config.patience,
+        augment=AugmentConfig(hflip_probability=0.5 if config.hflip else 0.0) if config.augment else None,
+        amp=config.amp, channels_last=config.channels_last and device.type == "cuda",  # CUDA only
+        num_workers=config.num_workers, max_steps_per_epoch=config.max_steps_per_epoch,
+    )
+
+
+def _finish(
+    run: DetectorRun, task: _DetectorTask, loop: EpochLoop, best_predictions: BoxPredictions | None, is_main: bool,
+    best_score: float,
+) -> DetectorTrainResult:
+    """Best weights -> validation detections, tuned post-processing, files."""
+    best = load_best_weights(run.best_checkpoint, loop.model, task.device)
+    # The best epoch's detections when this process trained it; after a resume past it,
+    # predicted again with best.pt (the same files either way).
+    predictions = best_predictions if best_predictions is not None else task.predict_val(loop.model)
+    gt = task.gt
+    try:
+        postprocess, grid = tune_postprocess(gt, predictions.boxes, predictions.scores)
+        tuned_map = float(grid["rsna_map"].iloc[0])
+    except ValueError as exc:  # no validation ground truth and no detections at all
+        log.warning("post-processing not tuned: %s", exc)
+        postprocess, grid, tuned_map = PostprocessConfig(), pd.DataFrame(), float("nan")
+    if is_main:
+        write_submission(run.val_predictions_path, predictions.patient_ids, predictions.boxes, predictions.scores)
+        save_postprocess(
+            run.postprocess_path, postprocess, tuned_on="val", n_patients=len(gt),
+            val_rsna_map=tuned_map, best_epoch=int(best["epoch"]),
+        )
+        grid.to_csv(run.path / POSTPROCESS_GRID_FILE, index=False)
+        atomic_write_json(
+            {"best_epoch": int(best["epoch"]), "best_val_rsna_map": float(best_score),
+             "val_rsna_map_postprocessed": tuned_map, "postprocess": postprocess.to_dict(),
+             "epochs_run": loop.epoch, "n_val": len(gt)},
+            run.path / VAL_SUMMARY_FILE,
+        )
+    return DetectorTrainResult(run.path, int(best["epoch"]), float(best_score), loop.epoch, postprocess, tuned_map)
 
 
 def train_detector(
@@ -548,103 +386,45 @@ def train_detector(
         progress: progress reporter (the CLI passes a progress bar).
 
     Raises:
-        FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
-        FileNotFoundError: ``resume`` without a run to continue.
-        ValueError: bad settings, or a cache split without train or val patients.
+        RunExistsError: ``run_dir`` holds a run and ``resume`` is False.
+        RunFolderError: ``resume`` without a run to continue.
+        ConfigError: bad settings.
+        DataFormatError: a cache split without train or val patients.
+        CheckpointError: a damaged ``last.pt`` on resume.
     """
     run_dir = Path(run_dir)
     cache = PreparedCache(cache_dir)
-    config_path = run_dir / CONFIG_FILE
-    if resume:
-        if not config_path.exists():
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no {CONFIG_FILE})")
-        config = DetectorTrainConfig.from_dict(json.loads(config_path.read_text())["train"])
-    else:
-        config = config or DetectorTrainConfig()
-        if config_path.exists():
-            raise FileExistsError(
-                f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out"
-            )
-    if config.arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {config.arch!r}")
+    config = run_settings(run_dir, cache, config, resume=resume, default=DetectorTrainConfig)
+    config.validate()
     train_positions, val_positions = cache.indices("train"), cache.indices("val")
     if len(train_positions) == 0 or len(val_positions) == 0:
-        raise ValueError(f"{cache.path}: the cache's split has {len(train_positions)} train and "
-                         f"{len(val_positions)} val patients")
-    device = resolve_device(config.device)
-    context = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    progress = progress if (progress is not None and context.is_main) else SilentProgress()
+        raise DataFormatError(cache.path, f"the cache's split has {len(train_positions)} train and "
+                                          f"{len(val_positions)} val patients")
+    device, context, progress = training_context(config.device, progress)
+    if context.is_main:
+        remove_stale_temp_files(run_dir)
 
-    trainer = _DetectorTrainer(run_dir, cache, train_positions, val_positions, config, device, context, progress)
+    task = _DetectorTask(cache, train_positions, val_positions, config, device)
+    files = LoopFiles(folder=run_dir, metrics=run_dir / METRICS_FILE, fold=None,
+                      tensorboard=run_dir / TENSORBOARD_DIR)
+    loop = EpochLoop(task, _loop_settings(config, device), files, device=device, context=context, progress=progress)
+    run = DetectorRun(
+        path=run_dir, train=config, model_config=task.model_config(loop.model), cache=CacheReference.of(cache),
+        input_size=cache.size, image_size=config.size or cache.size, n_train=int(len(train_positions)),
+        n_train_positive=int((cache.table["Target"].to_numpy()[train_positions] == 1).sum()),
+        n_val=int(len(val_positions)),
+    )
     if context.is_main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        n_positive = int((cache.table["Target"].to_numpy()[train_positions] == 1).sum())
-        atomic_write_json(
-            {
-                "kind": RUN_KIND,
-                "train": config.to_dict(),
-                "model": trainer.model.config(),
-                "cache": {"path": str(cache.path.resolve()), "size": cache.size, "n": len(cache),
-                          "patients_hash": cache.meta.get("patients_hash")},
-                "n_train": int(len(train_positions)),
-                "n_train_positive": n_positive,
-                "n_val": int(len(val_positions)),
-                "input_size": cache.size,
-                "image_size": config.size or cache.size,
-            },
-            config_path,
-        )
+        run.save()
     barrier(context)
-    last = run_dir / LAST_FILE
-    if resume and last.exists():
-        trainer.load_state(load_checkpoint(last, map_location=device))
-        if context.is_main:
-            with open(run_dir / METRICS_FILE, "w") as handle:
-                for record in trainer.history:
-                    handle.write(json.dumps(record) + "\n")
-        log.info("detector: resuming after epoch %d", trainer.epoch)
-    trainer.run()
-    result = trainer.finish()
+    result = loop.fit(resume=resume)
+    finished = _finish(run, task, loop, result.best_payload, context.is_main, result.best_score)
     if context.is_main:
         log.info(
             "detector run %s: best epoch %d, validation RSNA metric %.4f (raw, best threshold), "
             "%.4f post-processed (%s)",
-            run_dir, result.best_epoch, result.best_val_map, result.val_map_postprocessed, result.postprocess.describe(),
+            run_dir, finished.best_epoch, finished.best_val_map, finished.val_map_postprocessed,
+            finished.postprocess.describe(),
         )
-    return result
+    return finished
 
-
-# --------------------------------------------------------------- loading runs
-
-
-def load_detector_run(run_dir: str | Path, device: str | torch.device = "cpu") -> DetectorRun:
-    """The best detector of a run (eval mode), its config and its tuned post-processing.
-
-    Raises:
-        FileNotFoundError: not a detector run, or no best.pt yet.
-    """
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a detector run (no {CONFIG_FILE})")
-    config = json.loads(config_path.read_text())
-    if config.get("kind") != RUN_KIND:
-        kind = config.get("kind", "another model")
-        raise FileNotFoundError(f"{run_dir}: not a detector run (its config.json is for {kind!r})")
-    best_path = run_dir / BEST_FILE
-    if not best_path.exists():
-        raise FileNotFoundError(f"{best_path}: missing; the run has not finished an epoch (train with --resume)")
-    checkpoint = load_checkpoint(best_path, map_location=device)
-    model = detector_from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    postprocess_path = run_dir / POSTPROCESS_FILE
-    if postprocess_path.exists():
-        postprocess = load_postprocess(postprocess_path)
-    else:
-        log.warning("%s: no %s (training did not finish); using no post-processing", run_dir, POSTPROCESS_FILE)
-        postprocess = PostprocessConfig()
-    return DetectorRun(run_dir, model, config, postprocess)

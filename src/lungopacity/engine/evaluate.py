@@ -13,13 +13,12 @@ Which probabilities are honest depends on what the run saw:
   the report warns that the numbers are optimistic.
 
 A patient counts as "the run's" by patientId: the cache the run trained on is recognised
-by the ``patients_hash`` in the run's ``config.json`` (and, for a single-split run on
+by the ``patients_hash`` of the run's cache reference (and, for a single-split run on
 another cache, by the training patients of the original cache when it is still there).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -32,15 +31,13 @@ from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY, NORMAL, VIEWS
 from lungopacity.data.cache import PreparedCache
 from lungopacity.engine.checkpoint import atomic_write_json
 from lungopacity.engine.classifier import (
-    CONFIG_FILE,
-    OOF_FILE,
     PROBABILITY_COLUMNS,
     classification_summary,
-    load_run_models,
     predict_logits,
     softmax_np,
 )
 from lungopacity.engine.common import Progress, resolve_device
+from lungopacity.engine.runs import ClassifierRun, load_classifier_run
 from lungopacity.metrics.classification import (
     bootstrap_auc_ci,
     confusion_matrix,
@@ -154,21 +151,21 @@ def _read_ids_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"patientId": str})
 
 
-def _single_split_training_ids(run_dir: Path, run_config: dict[str, Any], cache: PreparedCache, same_cache: bool) -> set[str] | None:
+def _single_split_training_ids(run: ClassifierRun, cache: PreparedCache, same_cache: bool) -> set[str] | None:
     """patientIds a single-split run trained on, or None when they cannot be known."""
-    val_path = run_dir / "fold_0" / VAL_PREDICTIONS_FILE
+    val_path = run.val_predictions_path(0)
     val_ids = set(_read_ids_csv(val_path)["patientId"]) if val_path.exists() else None
     if same_cache and val_ids is not None:
         # Same patients as the training cache: everything usable that was not validation.
         return set(cache.table["patientId"].iloc[cache.indices()]) - val_ids
-    original = Path(str(run_config.get("cache", {}).get("path", "")))
+    original = run.cache.path
     if original.is_dir():
         try:
             trained_cache = PreparedCache(original)
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot open the run's training cache to check for overlap: %s", original, exc)
             return None
-        if trained_cache.meta.get("patients_hash") == run_config.get("cache", {}).get("patients_hash"):
+        if run.cache.matches(trained_cache):
             return set(trained_cache.table["patientId"].iloc[trained_cache.indices("train")])
     return None
 
@@ -221,31 +218,26 @@ def evaluate_classifier(
         The metrics dict written to ``metrics.json``.
 
     Raises:
-        FileNotFoundError: not a run, an unfinished fold, or a k-fold run without ``oof.csv``.
+        RunFolderError: not a classifier run, an unfinished fold, or a k-fold run without
+            ``oof.csv``.
         ValueError: unknown split, or no usable patient in it.
     """
     run_dir, cache = Path(run_dir), PreparedCache(cache_dir)
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a classifier run (no {CONFIG_FILE})")
-    run_config = json.loads(config_path.read_text())
+    run = load_classifier_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{cache.path.name}_{split}"
     positions = _positions(cache, split)
     table = cache.table.iloc[positions].reset_index(drop=True)
     ids = table["patientId"].astype(str).to_numpy()
-    n_folds = int(run_config.get("folds", 1))
-    run_hash = run_config.get("cache", {}).get("patients_hash")
-    same_cache = run_hash is not None and run_hash == cache.meta.get("patients_hash")
+    n_folds = run.folds
+    same_cache = run.cache.matches(cache)
     warnings: list[str] = []
 
     probs = np.full((len(ids), len(CLASS_NAMES)), np.nan)
     source = np.full(len(ids), SOURCE_ENSEMBLE if n_folds > 1 else SOURCE_MODEL, dtype=object)
     seen = np.zeros(len(ids), dtype=bool)
     if n_folds > 1:
-        oof_path = run_dir / OOF_FILE
-        if not oof_path.exists():
-            raise FileNotFoundError(f"{oof_path}: missing; the k-fold run did not finish (train with --resume)")
-        oof = _read_ids_csv(oof_path).drop_duplicates("patientId").set_index("patientId")
+        oof_path = run.oof_path
+        oof = run.held_out_predictions().drop_duplicates("patientId").set_index("patientId")
         in_oof = np.isin(ids, oof.index.to_numpy())
         # Each of these patients trained all but one fold model: only its out-of-fold
         # probability is a prediction on an unseen patient.
@@ -259,7 +251,7 @@ def evaluate_classifier(
                 "holding the same patients); their out-of-fold probabilities are used"
             )
     else:
-        trained_ids = _single_split_training_ids(run_dir, run_config, cache, same_cache)
+        trained_ids = _single_split_training_ids(run, cache, same_cache)
         if trained_ids is None:
             warnings.append("the run's training patients could not be determined (its cache is gone): overlap not checked")
         else:
@@ -274,10 +266,10 @@ def evaluate_classifier(
     n_models = 0
     if need_model.any():
         torch_device = resolve_device(device)
-        models, _ = load_run_models(run_dir, device=torch_device)
+        models = run.load_models(torch_device)
         n_models = len(models)
         logits = predict_logits(
-            models, cache, positions[need_model], size=run_config.get("input_size"), batch_size=batch_size,
+            models, cache, positions[need_model], size=run.input_size, batch_size=batch_size,
             device=torch_device, progress=progress,
         )
         probs[need_model] = softmax_np(logits.astype(np.float64))
@@ -306,7 +298,7 @@ def evaluate_classifier(
             "source_counts": {name: count for name, count in counts.items() if count},
             "n_models": n_models,
             "n_seen_in_training": int(seen.sum()),
-            "input_size": run_config.get("input_size"),
+            "input_size": run.input_size,
             "warnings": warnings,
         }
     )

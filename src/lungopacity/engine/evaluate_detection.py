@@ -159,10 +159,9 @@ def evaluate_detector(
     positions = cache.indices(None if split == "all" else split)
     if len(positions) == 0:
         raise ValueError(f"{cache.path}: no prepared patients in split {split!r}")
-    trained_on = run.config.get("cache", {}).get("patients_hash")
-    if trained_on and trained_on != cache.meta.get("patients_hash"):
+    if run.cache.patients_hash and not run.cache.matches(cache):
         log.warning("%s: the detector was trained on another cache (%s); its val split may overlap this one's train",
-                    cache.path, run.config.get("cache", {}).get("path"))
+                    cache.path, run.cache.path)
     predictions = predict_boxes(run.model, cache, positions, batch_size=batch_size, device=torch_device,
                                 hflip_tta=hflip_tta, amp=True, progress=progress)
     ids = predictions.patient_ids

@@ -9,7 +9,7 @@ Typical use::
 
     table = load_rsna(folder)                       # or load_metadata_table(folder)
     oof = pd.read_csv("oof.csv")
-    result = train_fusion(table, oof)               # 6-input fusion network
+    result = train_fusion(table, oof, FusionTrainConfig(seed=1))   # 6-input fusion network
     result.save("runs/fusion")                      # -> models.fusion.load_fusion
     scores = cross_fit_scores(table, oof)           # honest per-patient scores for the report
 """
@@ -21,7 +21,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lungopacity.constants import LUNG_OPACITY
+from lungopacity.errors import ConfigError
 from lungopacity.io.rsna import METADATA_CSV, load_label_tables, read_metadata_csv, stratified_split
 from lungopacity.metrics.classification import roc_auc
 from lungopacity.models.fusion import (
@@ -267,21 +268,73 @@ def _safe_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return roc_auc(labels, scores)
 
 
+@dataclass(frozen=True)
+class FusionTrainConfig:
+    """Everything that decides a fusion (or metadata-only) network's training.
+
+    Attributes:
+        use_probabilities: 6-input fusion (True) or 3-input metadata-only network (False).
+        seed: seeds the split, the initialisation and the mini-batch order.
+        val_fraction: share of rows held out for early stopping, in (0, 1).
+        max_epochs, patience: epoch limit and early-stopping patience.
+        lr, weight_decay: Adam settings.
+        hidden, dropout: :class:`FusionNet` architecture.
+        batch_size: None for full batch, else shuffled mini-batches of this size.
+        monitor: ``"loss"`` (validation BCE, lower is better) or ``"auc"`` (higher is better).
+    """
+
+    use_probabilities: bool = True
+    seed: int = 0
+    val_fraction: float = 0.2
+    max_epochs: int = 500
+    patience: int = 30
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    hidden: tuple[int, ...] = (16, 8)
+    dropout: float = 0.0
+    batch_size: int | None = 1024
+    monitor: str = "loss"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden"] = list(self.hidden)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionTrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "hidden" in values:
+            values["hidden"] = tuple(int(h) for h in values["hidden"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (naming the setting) for a value training cannot use."""
+        if self.monitor not in ("loss", "auc"):
+            raise ConfigError("monitor", f"must be 'loss' or 'auc', got {self.monitor!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must lie in (0, 1), got {self.val_fraction}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ConfigError("max_epochs/patience", "must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1 or None, got {self.batch_size}")
+
+
+def _fusion_config(config: FusionTrainConfig | None, overrides: dict[str, Any]) -> FusionTrainConfig:
+    config = config or FusionTrainConfig()
+    unknown = sorted(set(overrides) - {f.name for f in fields(FusionTrainConfig)})
+    if unknown:
+        raise TypeError(f"unknown fusion training setting(s) {', '.join(unknown)}")
+    if "hidden" in overrides:
+        overrides = {**overrides, "hidden": tuple(overrides["hidden"])}
+    return replace(config, **overrides) if overrides else config
+
+
 def train_fusion(
     features_df: pd.DataFrame,
     oof_df: pd.DataFrame | None = None,
-    *,
-    use_probabilities: bool = True,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    max_epochs: int = 500,
-    patience: int = 30,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    hidden: tuple[int, ...] = (16, 8),
-    dropout: float = 0.0,
-    batch_size: int | None = 1024,
-    monitor: str = "loss",
+    config: FusionTrainConfig | None = None,
+    **overrides: Any,
 ) -> FusionResult:
     """Train the fusion network (or, with ``use_probabilities=False``, the metadata-only one).
 
@@ -300,30 +353,23 @@ def train_fusion(
         features_df: patient table ``patientId, sex, age, view, Target`` (e.g. ``load_rsna``
             or :func:`load_metadata_table` output), training patients only.
         oof_df: the classifier's out-of-fold table for exactly these patients; required
-            when ``use_probabilities``, ignored otherwise.
-        use_probabilities: 6-input fusion (True) or 3-input metadata-only network (False).
-        seed: seeds the split, the initialisation and the mini-batch order.
-        val_fraction: share of rows held out for early stopping, in (0, 1).
-        max_epochs, patience: epoch limit and early-stopping patience.
-        lr, weight_decay: Adam settings.
-        hidden, dropout: :class:`FusionNet` architecture.
-        batch_size: None for full batch, else shuffled mini-batches of this size.
-        monitor: ``"loss"`` (validation BCE, lower is better) or ``"auc"`` (higher is better).
+            when ``config.use_probabilities``, ignored otherwise.
+        config: the settings (:class:`FusionTrainConfig`; default: its defaults).
+        **overrides: individual settings replacing ``config``'s, by field name
+            (``train_fusion(t, o, seed=3)`` is ``train_fusion(t, o, FusionTrainConfig(seed=3))``).
 
     Returns:
         A :class:`FusionResult`; ``result.model.metrics`` records the validation figures.
 
     Raises:
-        ValueError: bad arguments, a table without both classes, an invalid OOF table.
+        ConfigError: a setting out of range.
+        ValueError: a table without both classes, an invalid OOF table.
     """
-    if monitor not in ("loss", "auc"):
-        raise ValueError(f"monitor must be 'loss' or 'auc', got {monitor!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    if max_epochs < 1 or patience < 1:
-        raise ValueError("max_epochs and patience must be >= 1")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    config = _fusion_config(config, overrides)
+    config.validate()
+    use_probabilities, seed, val_fraction = config.use_probabilities, config.seed, config.val_fraction
+    max_epochs, patience, lr, weight_decay = config.max_epochs, config.patience, config.lr, config.weight_decay
+    hidden, dropout, batch_size, monitor = config.hidden, config.dropout, config.batch_size, config.monitor
     if use_probabilities and oof_df is None:
         raise ValueError("the fusion network needs the classifier's out-of-fold table (oof_df); "
                          "pass use_probabilities=False for the metadata-only network")
@@ -449,9 +495,10 @@ def predict_fusion(model: FusionModel, features_df: pd.DataFrame, oof_df: pd.Dat
 def cross_fit_scores(
     features_df: pd.DataFrame,
     oof_df: pd.DataFrame,
+    config: FusionTrainConfig | None = None,
     *,
-    seed: int = 0,
-    **train_kwargs: Any,
+    seed: int | None = None,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Held-out metadata-only, image-only and fusion scores for every patient.
 
@@ -464,12 +511,16 @@ def cross_fit_scores(
     Args:
         features_df: patient table, exactly the patients of ``oof_df``.
         oof_df: the classifier's out-of-fold table (>= 2 folds).
-        seed: seed of every network trained.
-        **train_kwargs: passed to :func:`train_fusion` (not ``use_probabilities``/``seed``).
+        config: settings of every network trained (``use_probabilities`` is set per network).
+        seed: shorthand for ``config.seed``.
+        **overrides: further :class:`FusionTrainConfig` fields replacing ``config``'s.
 
     Returns:
         ``patientId, fold, class, Target, p_metadata, p_image, p_fusion``.
     """
+    if seed is not None:
+        overrides = {**overrides, "seed": seed}
+    config = _fusion_config(config, overrides)
     table = build_fusion_table(features_df, oof_df)
     folds = sorted(table["fold"].unique().tolist())
     if len(folds) < 2:
@@ -484,9 +535,8 @@ def cross_fit_scores(
     for fold in folds:
         held_out = (table["fold"] == fold).to_numpy()
         train_rows, test_rows = table[~held_out], table[held_out]
-        metadata = train_fusion(train_rows, use_probabilities=False, seed=seed, **train_kwargs)
-        fusion = train_fusion(train_rows, train_rows[list(OOF_COLUMNS)], use_probabilities=True,
-                              seed=seed, **train_kwargs)
+        metadata = train_fusion(train_rows, config=replace(config, use_probabilities=False))
+        fusion = train_fusion(train_rows, train_rows[list(OOF_COLUMNS)], replace(config, use_probabilities=True))
         out.loc[held_out, metadata_column] = metadata.model.predict(test_rows).probability
         out.loc[held_out, fusion_column] = fusion.model.predict(test_rows).probability
         logger.info("cross-fit fold %s: %d training, %d held-out patients", fold, int((~held_out).sum()),
@@ -503,6 +553,7 @@ def train_fusion_run(
     data_dir: str | Path | None = None,
     seed: int = 0,
     n_bootstrap: int = 2000,
+    config: FusionTrainConfig | None = None,
 ) -> dict[str, Any]:
     """What ``lungopacity train-fusion`` does: train, save, and write the comparison report.
 
@@ -511,6 +562,9 @@ def train_fusion_run(
     RSNA folder's label tables and ``metadata.csv`` (``data_dir``). The network is saved
     to ``out_dir`` (``fusion.safetensors``, ``fusion.json``); ``out_dir/report`` holds the
     metadata-only / image-only / fusion comparison on held-out (cross-fitted) scores.
+
+    ``config`` sets the networks' training (default :class:`FusionTrainConfig` with
+    ``seed``); ``seed`` also seeds the bootstrap of the report.
 
     Returns:
         The comparison metrics (AUCs with intervals, the paired tests).
@@ -533,10 +587,11 @@ def train_fusion_run(
         table = table[table["patientId"].isin(set(oof["patientId"]))]
     table = table.reset_index(drop=True)
     validate_oof(oof, table)
-    result = train_fusion(table, oof, seed=seed)
+    config = config or FusionTrainConfig(seed=seed)
+    result = train_fusion(table, oof, replace(config, use_probabilities=True))
     out_dir = Path(out_dir)
     result.save(out_dir)
-    scores = cross_fit_scores(table, oof, seed=seed)
+    scores = cross_fit_scores(table, oof, config)
     metrics = fusion_comparison_report(scores, out_dir / "report", n_bootstrap=n_bootstrap, seed=seed)
     logger.info("fusion saved to %s; comparison report in %s", out_dir, out_dir / "report")
     return metrics

@@ -1,0 +1,132 @@
+"""The settings of the classifier and detector training runs, as typed dataclasses.
+
+They live apart from the trainers so that the run-folder types (:mod:`.runs`) can read
+them without importing a training loop. ``to_dict`` / ``from_dict`` are what a run's
+``config.json`` holds under ``"train"``; ``from_dict`` ignores keys it does not know (a
+run written by a newer version) and fills missing ones with today's defaults (an older
+run), so old run folders keep loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from lungopacity.errors import ConfigError
+from lungopacity.models.detector import ARCHITECTURES, DEFAULT_BACKBONE
+
+T = TypeVar("T")
+
+BALANCE_MODES = ("none", "loss", "sampler")
+SELECT_MODES = ("best", "last")
+
+
+class _DictForm:
+    """``to_dict`` / ``from_dict`` of a config dataclass (unknown keys ignored, missing ones defaulted)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(option, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_common(config: Any) -> None:
+    if config.epochs < 1:
+        raise ConfigError("--epochs", f"must be >= 1, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ConfigError("--batch-size", f"must be >= 1, got {config.batch_size}")
+    if config.patience < 1:
+        raise ConfigError("--patience", f"must be >= 1, got {config.patience}")
+    if config.grad_clip < 0:
+        raise ConfigError("--grad-clip", f"must be >= 0 (0 disables), got {config.grad_clip}")
+    if config.max_steps_per_epoch is not None and config.max_steps_per_epoch < 1:
+        raise ConfigError("--max-steps-per-epoch", f"must be >= 1, got {config.max_steps_per_epoch}")
+    if config.recipe not in ("paper", "finetune"):
+        raise ConfigError("--recipe", f"must be paper or finetune, got {config.recipe!r}")
+
+
+@dataclass
+class ClassifierTrainConfig(_DictForm):
+    """Everything that decides a classifier training run."""
+
+    backbone: str = "legacy_xception"
+    pretrained: str = "none"
+    size: int | None = None  # None: the cache's size; otherwise resized on the device
+    epochs: int = 10
+    batch_size: int = 16
+    recipe: str = "finetune"
+    lr: float | None = None
+    weight_decay: float | None = None
+    # 1: the cache's train/val split; K >= 2: the cache's K folds (written by `prepare --folds K`)
+    folds: int = 1
+    seed: int = 0
+    balance: str = "none"  # none | loss (class-weighted) | sampler (class-balanced sampling)
+    augment: bool = True
+    hflip: bool = False
+    grad_clip: float = 5.0
+    patience: int = 5  # epochs without a better validation AUC before stopping
+    drop_rate: float = 0.2
+    label_smoothing: float = 0.0
+    # best: each fold keeps its epoch with the best validation opacity AUC (chosen on the
+    # patients whose probabilities then enter oof.csv: optimistic); last: its final epoch
+    # (no early stopping either), so the held-out probabilities choose nothing.
+    select: str = "best"
+    amp: bool = True  # CUDA only
+    # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
+    # faster in channels_last there (BENCHMARKS.md).
+    channels_last: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
+    eval_batch_size: int = 64
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (naming the option) for a value training cannot use."""
+        _check_common(self)
+        _check_choice("--balance", self.balance, BALANCE_MODES)
+        _check_choice("--select", self.select, SELECT_MODES)
+        if self.folds < 1:
+            raise ConfigError("--folds", f"must be >= 1, got {self.folds}")
+
+
+@dataclass
+class DetectorTrainConfig(_DictForm):
+    """Everything that decides a detector training run."""
+
+    arch: str = "retinanet"  # retinanet | fasterrcnn
+    backbone: str = DEFAULT_BACKBONE
+    pretrained: str = "none"  # none | efficientnet-lite0 (offline) | timm (online) | PATH
+    size: int | None = None  # the detector's image_size; None: the cache's size
+    epochs: int = 12
+    batch_size: int = 8
+    recipe: str = "finetune"  # see engine.common.build_optimizer
+    lr: float | None = 3e-4  # None: the recipe's default
+    weight_decay: float | None = None
+    seed: int = 0
+    augment: bool = True
+    hflip: bool = False
+    grad_clip: float = 10.0
+    patience: int = 5  # epochs without a better validation metric before stopping
+    fpn_channels: int = 128
+    trainable_layers: int | None = None  # backbone levels that train (None: all)
+    score_thresh: float = 0.05  # lowest raw detection score kept (post-processing tunes the real one)
+    detections_per_img: int = 8
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    device: str = "auto"
+    num_workers: int = 0
+    max_steps_per_epoch: int | None = None  # bound an epoch (benchmarks, smoke tests)
+    eval_batch_size: int = 16
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (naming the option) for a value training cannot use."""
+        _check_common(self)
+        _check_choice("--arch", self.arch, tuple(ARCHITECTURES))
