@@ -225,6 +225,35 @@ def test_slow_headers_of_a_kept_alive_request_are_cut_off_too() -> None:
     assert sent < 60 and answer.startswith(b"HTTP/1.1 408")
 
 
+@pytest.mark.parametrize("piece", [64, 100_000])  # many small reads, or one read holding it all
+def test_oversized_headers_are_refused(piece: int) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 8192 + b"\r\n\r\n"
+    with running_server(create_app(FakePredictor()), ServerLimits(max_header_bytes=4096)) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                for start in range(0, len(request), piece):
+                    conn.sendall(request[start : start + piece])
+            except OSError:
+                pass  # the server may close while the rest is sent
+            answer = read_answer(conn, timeout=20)
+    # The protocol counts before h11 sees the bytes, so h11's own limit (400) never comes first.
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:40]
+    assert json_error(answer)["code"] == "headers_too_large"
+
+
+def test_headers_at_the_limit_pass() -> None:
+    with running_server(create_app(FakePredictor()), ServerLimits(max_header_bytes=4096)) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: "
+            request = head + b"a" * (4096 - len(head) - 4) + b"\r\n\r\n"
+            assert len(request) == 4096
+            conn.sendall(request[:2000])
+            time.sleep(0.05)
+            conn.sendall(request[2000:])
+            assert recv_until(conn, b'{"status":"ok"}').startswith(b"HTTP/1.1 200")
+
+
 def test_normal_requests_pass_the_guarded_protocol() -> None:
     """Keep-alive, pipelining-free reuse and large uploads work as before under the guards."""
     fake = FakePredictor()

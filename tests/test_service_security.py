@@ -219,6 +219,8 @@ def test_metrics_count_requests_and_inferences(client: TestClient) -> None:
     assert client.post("/v1/predict", files={"file": ("x.png", b"not an image" * 10)}).status_code == 415
     assert client.get("/nowhere").status_code == 404
     assert client.get("/healthz").status_code == 200
+    for i in range(3):  # made-up methods and paths must not grow the label set
+        client.request(f"BREW{i}", f"/pot/{i}")
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     samples = _samples(response.text)
@@ -230,6 +232,8 @@ def test_metrics_count_requests_and_inferences(client: TestClient) -> None:
     assert requests("/v1/predict", "POST", "415") == 1
     assert requests("unmatched", "GET", "404") == 1
     assert requests("/healthz", "GET", "200") == 1
+    assert requests("unmatched", "other", "404") == 3
+    assert len([key for key in samples if key[0] == "lungopacity_http_requests_total"]) == 5
     assert samples[("lungopacity_inference_seconds_count", ())] == 1
     assert samples[("lungopacity_inference_seconds_bucket", (("le", "+Inf"),))] == 1
     assert samples[("lungopacity_inference_queue_depth", ())] == 0

@@ -4,7 +4,8 @@ Each app has its own registry (several apps in one process, as in the tests, do 
 mix). What is exported:
 
 * ``lungopacity_http_requests_total{route, method, status}``: answers, by the route's
-  path template (``unmatched`` for paths no route serves), so the label set stays small;
+  path template (``unmatched`` for paths no route serves) and method (``other`` for
+  unusual ones), so no client can grow the label set;
 * ``lungopacity_inference_seconds``: a histogram of the time each inference took;
 * ``lungopacity_inference_queue_depth``, ``lungopacity_inferences_running``,
   ``lungopacity_uploads_in_flight``: read from the gates at scrape time;
@@ -27,6 +28,9 @@ from lungopacity.service.gate import InferenceGate, UploadSlots
 #: Inference times from a fast GPU (tens of ms) to a slow CPU with Grad-CAM (tens of s).
 INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REFUSAL_REASONS = ("uploads_full", "queue_full", "upload_timeout")
+#: Methods counted by name; any other (clients may send any token) is counted as "other",
+#: so no client can grow the label set.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ServiceMetrics:
@@ -96,4 +100,5 @@ class RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             code = str(status[0]) if status else "500"
-            self.metrics.requests.labels(template, scope.get("method", ""), code).inc()
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method if method in KNOWN_METHODS else "other", code).inc()

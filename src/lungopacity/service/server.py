@@ -13,8 +13,11 @@ server runs :class:`GuardedH11Protocol`, uvicorn's own h11 protocol plus two dea
   headers, whatever the application does with it; otherwise the connection closes.
   (``/v1/predict`` enforces tighter upload deadlines itself, with a JSON 408.)
 
-Header size is bounded by h11 (``max_header_bytes``; 400 past it), idle keep-alive
-connections by uvicorn's ``timeout_keep_alive``. The h11 implementation is forced
+* **header size**: a request's line and headers may not pass ``max_header_bytes`` (431).
+  h11's own ``max_incomplete_event_size`` (set to the same) bounds only what is still
+  incomplete, so a large header block arriving in one read would pass it.
+
+Idle keep-alive connections are closed by uvicorn's ``timeout_keep_alive``. The h11 implementation is forced
 (httptools, when installed, would bypass these timers) and WebSocket upgrades are off.
 """
 
@@ -49,10 +52,11 @@ class ServerLimits:
             raise ValueError("max_header_bytes must be at least 1024")
 
 
-def _timeout_response(message: str) -> bytes:
-    body = json.dumps({"error": {"code": "header_timeout", "message": message}}).encode()
+def _raw_error(status: str, code: str, message: str) -> bytes:
+    """A complete JSON error answer, written before h11 has seen a request to answer."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -67,6 +71,8 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # bytes of the current request's head seen so far
+        self._head_tail = b""  # its last 3 bytes, to find a terminator split across reads
 
     # -- uvicorn's protocol interface, extended
 
@@ -75,8 +81,16 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE and self._header_timer is None:
-            self._arm_header_timer()  # the first byte of a follow-up request
+        if self.conn.their_state is h11.IDLE:
+            if self._header_timer is None:
+                self._arm_header_timer()  # the first byte of a follow-up request
+            if not self._head_within_limit(data):
+                log.info("closing a connection whose request headers passed %d bytes", self.limits.max_header_bytes)
+                self._refuse(_raw_error(
+                    "431 Request Header Fields Too Large", "headers_too_large",
+                    f"The request headers are larger than {self.limits.max_header_bytes} bytes.",
+                ))
+                return
         super().data_received(data)
         self._follow_state()
 
@@ -87,6 +101,29 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
+
+    # -- the header size
+
+    def _head_within_limit(self, data: bytes) -> bool:
+        """Count the head's bytes up to its blank line; False once they pass the limit."""
+        window = self._head_tail + data
+        end = window.find(b"\r\n\r\n")
+        used = self._head_bytes + (end + 4 - len(self._head_tail) if end >= 0 else len(data))
+        if used > self.limits.max_header_bytes:
+            return False
+        if end >= 0:
+            self._head_bytes, self._head_tail = 0, b""
+        else:
+            self._head_bytes, self._head_tail = used, window[-3:]
+        return True
+
+    def _refuse(self, answer: bytes) -> None:
+        """Write a raw answer (nothing else was sent on this connection) and close it."""
+        if self.transport.is_closing():
+            return
+        if self.conn.our_state is h11.IDLE:
+            self.transport.write(answer)
+        self.transport.close()
 
     # -- the deadlines
 
@@ -111,11 +148,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         log.info("closing a connection whose request headers took over %g s", self.limits.header_timeout)
-        if self.conn.our_state is h11.IDLE:  # nothing of an answer was sent on it yet
-            self.transport.write(_timeout_response(
-                f"The request headers took longer than {self.limits.header_timeout:g} s; send the request again."
-            ))
-        self.transport.close()
+        self._refuse(_raw_error(
+            "408 Request Timeout", "header_timeout",
+            f"The request headers took longer than {self.limits.header_timeout:g} s; send the request again.",
+        ))
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
