@@ -4,8 +4,8 @@ The app runs under uvicorn on 127.0.0.1 (a free port, the production configurati
 ``service.server``) in a background thread, with the fake predictor of
 ``test_service.py``. Every request the page makes to another host is blocked and
 recorded, so the tests also prove the page and the API docs work offline (no CDN).
-Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png and
-/tmp/service_phone.png.
+Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png,
+/tmp/service_phone.png, /tmp/service_token.png, /tmp/service_docs.png and /tmp/service_redoc.png.
 """
 
 from __future__ import annotations
@@ -229,6 +229,7 @@ def test_page_asks_for_the_token_and_sends_it(browser: Any, token_server_url: st
         expect(page.locator("#token-message")).to_contain_text("asks for an access token")
         assert page.evaluate("document.activeElement.id") == "token-input"
         expect(page.locator("#model-version")).to_have_text("unknown (enter the access token)")
+        page.screenshot(path="/tmp/service_token.png")
 
         page.fill("#token-input", "wrong-token")
         page.click("#token-button")

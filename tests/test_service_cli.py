@@ -98,3 +98,32 @@ def test_help_names_every_environment_variable() -> None:
     assert result.exit_code == 0
     for name in ENV_VARS:
         assert name in result.output, name
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--concurrency", "0"], {}),
+        (["--port", "70000"], {}),
+        ([], {"LUNGOPACITY_STALL_TIMEOUT": "0"}),
+        ([], {"LUNGOPACITY_MAX_UPLOADS": "many"}),
+    ],
+)
+def test_out_of_range_settings_are_usage_errors(served: list[dict[str, Any]], args: list[str], env: dict[str, str]) -> None:
+    result = invoke(["--bundle", "b", *args], env=env)
+    assert result.exit_code == 2 and "Invalid value" in result.stderr
+    assert served == []
+
+
+def test_library_serve_refuses_bad_settings_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungopacity.errors import ConfigError
+    from lungopacity.service import app as service_app
+
+    def never(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the bundle was loaded before the settings were checked")
+
+    monkeypatch.setattr(service_app, "load_predictor", never)
+    with pytest.raises(ConfigError, match="--allowed-host"):
+        service_app.serve("missing-bundle", allowed_hosts=["http://x"])
+    with pytest.raises(ConfigError, match="--token"):
+        service_app.serve("missing-bundle", token="two words")

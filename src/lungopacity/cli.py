@@ -441,25 +441,25 @@ def serve_command(
         "127.0.0.1", "--host", envvar="LUNGOPACITY_HOST",
         help="Address to listen on; 0.0.0.0 for every interface (then set a token and --allowed-host).",
     ),
-    port: int = typer.Option(8000, "--port", envvar="LUNGOPACITY_PORT", help="TCP port to listen on."),
-    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", envvar="LUNGOPACITY_MAX_UPLOAD_MB", help="Largest accepted upload."),
-    concurrency: int = typer.Option(2, "--concurrency", envvar="LUNGOPACITY_CONCURRENCY", help="Inferences run at once."),
+    port: int = typer.Option(8000, "--port", envvar="LUNGOPACITY_PORT", min=1, max=65535, help="TCP port to listen on."),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", envvar="LUNGOPACITY_MAX_UPLOAD_MB", min=0.001, help="Largest accepted upload."),
+    concurrency: int = typer.Option(2, "--concurrency", envvar="LUNGOPACITY_CONCURRENCY", min=1, help="Inferences run at once."),
     queue: int = typer.Option(
-        8, "--queue", envvar="LUNGOPACITY_QUEUE", help="Received uploads that may wait for an inference; more get 503.",
+        8, "--queue", envvar="LUNGOPACITY_QUEUE", min=0, help="Received uploads that may wait for an inference; more get 503.",
     ),
     max_uploads: int = typer.Option(
-        32, "--max-uploads", envvar="LUNGOPACITY_MAX_UPLOADS", help="Uploads being received at once; more get 503.",
+        32, "--max-uploads", envvar="LUNGOPACITY_MAX_UPLOADS", min=1, help="Uploads being received at once; more get 503.",
     ),
     upload_timeout: float = typer.Option(
-        120.0, "--upload-timeout", envvar="LUNGOPACITY_UPLOAD_TIMEOUT",
+        120.0, "--upload-timeout", envvar="LUNGOPACITY_UPLOAD_TIMEOUT", min=0.1,
         help="Seconds an upload may take in all; slower ones get 408.",
     ),
     stall_timeout: float = typer.Option(
-        10.0, "--stall-timeout", envvar="LUNGOPACITY_STALL_TIMEOUT",
+        10.0, "--stall-timeout", envvar="LUNGOPACITY_STALL_TIMEOUT", min=0.1,
         help="An upload that sends less than 1 KB in this many seconds gets 408.",
     ),
     header_timeout: float = typer.Option(
-        10.0, "--header-timeout", envvar="LUNGOPACITY_HEADER_TIMEOUT",
+        10.0, "--header-timeout", envvar="LUNGOPACITY_HEADER_TIMEOUT", min=0.1,
         help="Seconds a request's headers may take; slower connections get 408 and are closed.",
     ),
     keep_alive_timeout: int = typer.Option(

@@ -184,7 +184,8 @@ def serve(
     The bundle is loaded before the port is opened, so a bad bundle fails here with
     ``BundleError`` (the CLI prints it) instead of leaving a server that is never ready.
     A specific address to bind to (not ``0.0.0.0`` or ``::``) is added to the allowed
-    hosts. See :func:`create_app` for the other settings and
+    hosts. Bad settings raise :class:`~lungopacity.errors.ConfigError` before the bundle
+    is read. See :func:`create_app` for the other settings and
     :class:`~lungopacity.service.server.ServerLimits` for ``header_timeout`` and
     ``keep_alive_timeout``.
     """
@@ -198,6 +199,12 @@ def serve(
         body_timeout=upload_timeout + stall_timeout,  # a backstop behind the app's own deadlines
         keep_alive_timeout=keep_alive_timeout,
     )
+    # Settle the settings before the (slow) bundle load, so a bad one fails at once.
+    ServiceSettings(
+        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_concurrent=max_concurrent, max_queue=max_queue,
+        max_uploads=max_uploads, upload_timeout=upload_timeout, stall_timeout=stall_timeout, token=token or None,
+    )
+    allowed = AllowedHosts(hosts)
     predictor = load_predictor(Path(bundle), device=device, max_pixels=max_pixels)
     app = create_app(
         predictor,
@@ -213,6 +220,6 @@ def serve(
     )
     log.info(
         "serving model %s on http://%s:%d (hosts: %s; token %s)", getattr(predictor, "version", "?"), host, port,
-        AllowedHosts(hosts).describe(), "required" if token else "not required",
+        allowed.describe(), "required" if token else "not required",
     )
     uvicorn.Server(uvicorn_config(app, host=host, port=port, limits=limits, log_level=log_level)).run()
