@@ -275,3 +275,31 @@ def test_metrics_show_the_queue_and_refusals() -> None:
 def client() -> TestClient:
     with local_client(create_app(FakePredictor())) as test_client:
         yield test_client
+
+
+def test_full_line_refuses_before_reading_the_body() -> None:
+    """When every inference ticket is taken, a new upload is refused unread (no wasted upload)."""
+    app = create_app(FakePredictor(), max_concurrent=1, max_queue=0)
+    gate = app.state.gate
+    assert gate.try_admit() and gate.full
+    received: list[int] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"localhost"), (b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"5000")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 503 and headers[b"connection"] == b"close" and int(headers[b"retry-after"]) >= 1
+    assert received == [] and app.state.uploads.in_flight == 0
+    gate.release()

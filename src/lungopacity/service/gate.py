@@ -94,6 +94,12 @@ class InferenceGate:
         with self._lock:
             return max(0, self._admitted - self._running)
 
+    @property
+    def full(self) -> bool:
+        """Every ticket is taken (a hint: it may change at once)."""
+        with self._lock:
+            return self._admitted >= self.max_concurrent + self.max_queue
+
     def try_admit(self) -> bool:
         """Take a ticket, or return False when ``max_concurrent + max_queue`` are taken."""
         with self._lock:

@@ -1,9 +1,10 @@
 """The endpoints: the page, the probes, ``/v1/info``, ``/v1/predict`` and ``/metrics``.
 
 ``POST /v1/predict`` runs in this order, so that nothing a slow client does can hold a
-worker: the declared size (413 unread) -> the model is loaded (503) -> an upload slot
-(503) -> the body, under deadlines (408/413/400) -> the form and the file's checks
-(400/413/415) -> an inference ticket (503) -> the reading (200, 422, 500).
+worker: the declared size (413 unread) -> the model is loaded (503) -> the inference line
+is not full already (503 unread) -> an upload slot (503) -> the body, under deadlines
+(408/413/400) -> the form and the file's checks (400/413/415) -> an inference ticket
+(503) -> the reading (200, 422, 500).
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ def build_router(
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise too_large(settings.max_upload_bytes)
         predictor = ready_predictor(state, CLOSE)
+        if gate.full:  # no point receiving a body that could not be read now; checked again below
+            metrics.refused("queue_full")
+            log.warning("busy: %d requests admitted, refusing one unread", gate.admitted)
+            raise ApiError(503, "busy", _BUSY_MESSAGE, {"Retry-After": str(gate.retry_after_seconds()), **CLOSE})
 
         # 1. The body, in an upload slot, under deadlines; no worker is held meanwhile.
         if not uploads.try_acquire():
