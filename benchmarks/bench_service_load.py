@@ -11,6 +11,12 @@ and requests per second, and the server's own mean queue wait and handling time.
 
 ``--fake`` serves the deterministic ``FakePredictor`` of tests/test_service.py, slowed by
 ``--fake-seconds`` per reading to stand in for a model.
+
+``--slow-clients N`` adds hostile clients for the whole run: N connections that send an
+upload's headers and then one byte every ``--slow-every`` seconds (default 2). They hold
+upload slots, not inference workers, and the server cuts each off after its stall
+timeout (``--stall-timeout``); the report says how they ended. The server runs the
+production configuration (``service.server.uvicorn_config``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing as mp
+import select
 import socket
 import statistics
 import sys
@@ -53,7 +60,7 @@ def _serve_child(options: dict[str, Any], port_out: Any) -> None:
 
     import uvicorn
 
-    from lungopacity.service import create_app
+    from lungopacity.service import create_app, uvicorn_config
 
     logging.basicConfig(level=logging.WARNING)
     if options["fake"]:
@@ -73,12 +80,37 @@ def _serve_child(options: dict[str, Any], port_out: Any) -> None:
         device=options["device"],
         max_concurrent=options["max_concurrent"],
         max_queue=options["max_queue"],
+        stall_timeout=options["stall_timeout"],
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port_out.send(sock.getsockname()[1])
     port_out.close()
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+def slow_client(port: int, every: float, stop: threading.Event, outcome: list[str]) -> None:
+    """Send an upload's headers, then one body byte every ``every`` s until answered or stopped.
+
+    Reconnects after each answer, so it keeps holding a slot for the whole run.
+    """
+    body = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n' + b"\0" * 10_000
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {len(body) + 8}\r\n\r\n").encode()
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(head)
+                for i in range(len(body)):
+                    if stop.is_set():
+                        return
+                    if select.select([conn], [], [], every)[0]:
+                        answer = conn.recv(64)
+                        outcome.append(answer[9:12].decode("ascii", "replace") if answer else "closed")
+                        break
+                    conn.sendall(body[i : i + 1])
+        except OSError as exc:
+            outcome.append(type(exc).__name__)
 
 
 def wait_ready(client: Any, url: str, timeout: float) -> str:
@@ -118,9 +150,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fake-seconds", type=float, default=0.05, help="sleep per fake reading")
     parser.add_argument("--no-images", action="store_true", help="ask for no overlay/heatmap (images=false)")
+    parser.add_argument("--slow-clients", type=int, default=0, help="hostile clients trickling 1 byte at a time")
+    parser.add_argument("--slow-every", type=float, default=2.0, help="seconds between a slow client's bytes")
+    parser.add_argument("--stall-timeout", type=float, default=10.0, help="the server's upload stall timeout")
     args = parser.parse_args()
-    if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
-        raise SystemExit("--requests must be in 1..10000 and --concurrency in 1..64")
+    if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64 or not 0 <= args.slow_clients <= 64:
+        raise SystemExit("--requests must be in 1..10000, --concurrency in 1..64 and --slow-clients in 0..64")
 
     import httpx
 
@@ -130,11 +165,14 @@ def main() -> None:
     options = {
         "fake": args.fake, "bundle": str(args.bundle) if args.bundle else None, "device": args.device,
         "fake_seconds": args.fake_seconds, "max_concurrent": args.max_concurrent, "max_queue": args.max_queue,
+        "stall_timeout": args.stall_timeout,
     }
     context = mp.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     server = context.Process(target=_serve_child, args=(options, sender), daemon=True)
     server.start()
+    stop_slow = threading.Event()
+    slow_outcomes: list[str] = []
     try:
         if not receiver.poll(120):
             raise SystemExit("the service process did not start")
@@ -144,7 +182,16 @@ def main() -> None:
             version = wait_ready(client, url, timeout=300)
             print(f"service {url}, model {version}; upload {len(payload) / 1e6:.2f} MB; "
                   f"{args.requests} requests at concurrency {args.concurrency}; "
-                  f"server workers {args.max_concurrent}, queue {args.max_queue}")
+                  f"server workers {args.max_concurrent}, queue {args.max_queue}; "
+                  f"{args.slow_clients} slow clients (1 byte / {args.slow_every:g} s, stall timeout {args.stall_timeout:g} s)")
+            port = int(url.rsplit(":", 1)[1])
+            slow_threads = [
+                threading.Thread(target=slow_client, args=(port, args.slow_every, stop_slow, slow_outcomes), daemon=True)
+                for _ in range(args.slow_clients)
+            ]
+            for thread in slow_threads:
+                thread.start()
+            time.sleep(1.0 if slow_threads else 0.0)  # let them take their upload slots
             client.post(url + "/v1/predict", files={"file": ("warmup", payload)})  # first call pays one-off costs
             deadline = time.monotonic() + args.time_limit
             lock = threading.Lock()
@@ -177,6 +224,7 @@ def main() -> None:
                 list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - started
     finally:
+        stop_slow.set()
         server.terminate()
         server.join(timeout=10)
 
@@ -188,6 +236,8 @@ def main() -> None:
         print(f"server side: mean queue wait {statistics.mean(q for q, _ in server_side) * 1000:.0f} ms, "
               f"mean handling {statistics.mean(t for _, t in server_side) * 1000:.0f} ms")
     print(f"throughput: {len(latencies) / wall:.2f} requests/s ({len(latencies)} ok in {wall:.1f} s)")
+    if args.slow_clients:
+        print(f"slow clients' answers: {dict(sorted(Counter(slow_outcomes).items()))}")
 
 
 if __name__ == "__main__":

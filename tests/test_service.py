@@ -154,6 +154,11 @@ def error_of(response: httpx.Response) -> dict[str, str]:
     return body["error"]
 
 
+def local_client(app: Any, **options: Any) -> TestClient:
+    """A TestClient that calls the app as http://localhost, a Host the default allow-list accepts."""
+    return TestClient(app, base_url="http://localhost", **options)
+
+
 @pytest.fixture
 def fake() -> FakePredictor:
     return FakePredictor()
@@ -161,7 +166,7 @@ def fake() -> FakePredictor:
 
 @pytest.fixture
 def client(fake: FakePredictor) -> TestClient:
-    with TestClient(create_app(fake)) as test_client:
+    with local_client(create_app(fake)) as test_client:
         yield test_client
 
 
@@ -267,7 +272,7 @@ def test_images_false_skips_the_pictures(client: TestClient, fake: FakePredictor
 
 def test_upload_over_the_limit_is_413(fake: FakePredictor) -> None:
     data = noise_png((100, 100))  # about 10 kB, incompressible
-    with TestClient(create_app(fake, max_upload_bytes=4000)) as client:
+    with local_client(create_app(fake, max_upload_bytes=4000)) as client:
         response = client.post("/v1/predict", files={"file": ("x.png", data)})
         assert response.status_code == 413
         error = error_of(response)
@@ -295,7 +300,7 @@ def _call_asgi(app: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> tup
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
-        "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "root_path": "", "headers": [(b"host", b"localhost"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
@@ -353,7 +358,7 @@ def test_truncated_multipart_is_400() -> None:
 
 
 def test_image_with_too_many_pixels_is_413(fake: FakePredictor) -> None:
-    with TestClient(create_app(fake, max_pixels=10_000)) as client:
+    with local_client(create_app(fake, max_pixels=10_000)) as client:
         response = client.post("/v1/predict", files={"file": ("x.png", grey_png(0, (200, 100)))})
         assert response.status_code == 413
         error = error_of(response)
@@ -454,7 +459,7 @@ def test_full_queue_answers_503_with_retry_after() -> None:
     fake = FakePredictor(hold=hold)
     app = create_app(fake, max_concurrent=1, max_queue=1)
     results: dict[str, int] = {}
-    with TestClient(app) as client:
+    with local_client(app) as client:
 
         def upload(key: str) -> None:
             results[key] = client.post("/v1/predict", files={"file": ("x.png", grey_png(100))}).status_code
@@ -499,7 +504,7 @@ def test_readyz_is_503_until_the_bundle_is_loaded(fake: FakePredictor) -> None:
         return fake
 
     app = create_app(slow_loader)
-    with TestClient(app) as client:
+    with local_client(app) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         not_ready = client.get("/readyz")
         assert not_ready.status_code == 503 and error_of(not_ready)["code"] == "not_ready"
@@ -517,7 +522,7 @@ def test_failed_load_is_reported_not_ready(caplog: pytest.LogCaptureFixture) -> 
         raise ValueError("bundle.json: missing key 'threshold'")
 
     app = create_app(broken_loader)
-    with caplog.at_level(logging.ERROR), TestClient(app) as client:
+    with caplog.at_level(logging.ERROR), local_client(app) as client:
         wait_until(lambda: app.state.service.load_error is not None, "the loader to fail")
         response = client.get("/readyz")
         assert response.status_code == 503
@@ -530,7 +535,7 @@ def test_failed_load_is_reported_not_ready(caplog: pytest.LogCaptureFixture) -> 
 def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
     fake = FakePredictor(fail=RuntimeError("CUDA error at /opt/secret/kernel.cu:42"))
     app = create_app(fake)
-    with caplog.at_level(logging.ERROR), TestClient(app, raise_server_exceptions=False) as client:
+    with caplog.at_level(logging.ERROR), local_client(app, raise_server_exceptions=False) as client:
         response = client.post("/v1/predict", files={"file": ("x.png", grey_png(1))})
         assert response.status_code == 500
         error = error_of(response)
@@ -558,7 +563,7 @@ def test_logs_never_name_the_file_or_the_patient(caplog: pytest.LogCaptureFixtur
     file_name = "Doe_Jane_PID-98765_chest.dcm"
 
     fake = FakePredictor()
-    with caplog.at_level(logging.DEBUG), TestClient(create_app(fake)) as client:
+    with caplog.at_level(logging.DEBUG), local_client(create_app(fake)) as client:
         ok = client.post("/v1/predict", files={"file": (file_name, dicom)})
         bad = client.post("/v1/predict", files={"file": (file_name, b"\x89PNG\r\n\x1a\nbroken")})
         text = client.post("/v1/predict", files={"file": (file_name, b"hello")})

@@ -1,10 +1,11 @@
 """End to end in real headless Chromium: the page uploads a file and shows the reading.
 
-The app runs under uvicorn on 127.0.0.1 (a free port) in a background thread, with the
-fake predictor of ``test_service.py``. Every request the page makes to another host is
-blocked and recorded, so the test also proves the page works offline (no CDN).
-Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png and
-/tmp/service_phone.png.
+The app runs under uvicorn on 127.0.0.1 (a free port, the production configuration of
+``service.server``) in a background thread, with the fake predictor of
+``test_service.py``. Every request the page makes to another host is blocked and
+recorded, so the tests also prove the page and the API docs work offline (no CDN).
+Screenshots go to /tmp/service_desktop.png, /tmp/service_desktop_heatmap.png,
+/tmp/service_phone.png, /tmp/service_token.png, /tmp/service_docs.png and /tmp/service_redoc.png.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from lungopacity.service import create_app
+from lungopacity.service import create_app, uvicorn_config
 from test_service import FakePredictor
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +58,7 @@ def _serve(app: Any) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(500):
@@ -78,6 +79,15 @@ def server_url() -> Iterator[str]:
     yield from _serve(create_app(FakePredictor()))
 
 
+TOKEN = "page-token-7f3a"
+
+
+@pytest.fixture(scope="module")
+def token_server_url() -> Iterator[str]:
+    """The app started with a token: every API call must carry it."""
+    yield from _serve(create_app(FakePredictor(), token=TOKEN))
+
+
 @pytest.fixture(scope="module")
 def real_server_url(tiny_demo) -> Iterator[str]:
     """The app with a real bundle made by the demo chain, loaded at start-up."""
@@ -95,8 +105,8 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-def open_page(browser: Any, url: str, **context_options: Any) -> tuple[Any, Any, list[str], list[str]]:
-    """A page on ``url`` that blocks and records requests to other hosts and console errors."""
+def open_page(browser: Any, url: str, path: str = "/", **context_options: Any) -> tuple[Any, Any, list[str], list[str]]:
+    """``url + path`` in a page that blocks and records requests to other hosts and console errors."""
     context = browser.new_context(**context_options)
     page = context.new_page()
     outside: list[str] = []
@@ -111,7 +121,7 @@ def open_page(browser: Any, url: str, **context_options: Any) -> tuple[Any, Any,
 
     page.route("**/*", only_loopback)
     page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
-    page.goto(url + "/")
+    page.goto(url + path)
     return context, page, outside, console_errors
 
 
@@ -183,6 +193,73 @@ def test_phone_layout(browser: Any, server_url: str, tmp_path: Path) -> None:
         box = page.locator("#picture").bounding_box()
         assert box is not None and box["width"] <= 390
         page.screenshot(path="/tmp/service_phone.png", full_page=True)
+        assert outside == [] and console_errors == []
+    finally:
+        context.close()
+
+
+def test_docs_render_offline(browser: Any, server_url: str) -> None:
+    """/docs (Swagger UI) and /redoc render the operations with every outside request blocked."""
+    from playwright.sync_api import expect
+
+    context, page, outside, console_errors = open_page(browser, server_url, "/docs", viewport={"width": 1280, "height": 900})
+    try:
+        expect(page.locator(".opblock-summary-path", has_text="/v1/predict")).to_be_visible(timeout=30_000)
+        paths = {text.strip() for text in page.locator(".opblock-summary-path").all_text_contents()}
+        assert {"/v1/predict", "/v1/info", "/healthz", "/readyz", "/metrics"} <= paths
+        page.screenshot(path="/tmp/service_docs.png")
+        page.goto(server_url + "/redoc")
+        expect(page.get_by_text("Read one radiograph", exact=False).first).to_be_visible(timeout=30_000)
+        page.screenshot(path="/tmp/service_redoc.png")
+        assert outside == [], f"the docs tried to reach other hosts: {outside}"
+        # CSP violations show up here. The one expected: Redoc's attribution logo, which it
+        # points at its CDN; the CSP stops it in the browser, before any request is made.
+        unexpected = [text for text in console_errors if not ("cdn.redoc.ly" in text and "Content Security Policy" in text)]
+        assert unexpected == [], console_errors
+    finally:
+        context.close()
+
+
+def test_page_asks_for_the_token_and_sends_it(browser: Any, token_server_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    context, page, outside, console_errors = open_page(browser, token_server_url, viewport={"width": 1280, "height": 900})
+    try:
+        expect(page.locator("#token-form")).to_be_visible(timeout=15_000)
+        expect(page.locator("#token-message")).to_contain_text("asks for an access token")
+        assert page.evaluate("document.activeElement.id") == "token-input"
+        expect(page.locator("#model-version")).to_have_text("unknown (enter the access token)")
+        page.screenshot(path="/tmp/service_token.png")
+
+        page.fill("#token-input", "wrong-token")
+        page.click("#token-button")
+        expect(page.locator("#token-message")).to_contain_text("did not accept this token", timeout=15_000)
+
+        page.fill("#token-input", TOKEN)
+        page.click("#token-button")
+        expect(page.locator("#model-version")).to_have_text("fake-1.0", timeout=15_000)
+        assert page.is_hidden("#token-form")
+        page.set_input_files("#file-input", str(chest_like_png(tmp_path / "xray.png", 220)))
+        page.click("#submit-button")
+        page.wait_for_selector("#result:not([hidden])", timeout=15_000)
+        assert page.text_content("#summary").startswith("Signs of lung opacity found")
+        # Kept for this tab only, never in the page's address.
+        assert page.evaluate("window.sessionStorage.getItem('lungopacity.token')") == TOKEN
+        assert TOKEN not in page.url
+        assert outside == []
+        assert all("401" in text for text in console_errors), console_errors
+    finally:
+        context.close()
+
+
+def test_token_in_the_address_fragment_is_used_and_removed(browser: Any, token_server_url: str) -> None:
+    from playwright.sync_api import expect
+
+    context, page, outside, console_errors = open_page(browser, token_server_url, f"/#token={TOKEN}")
+    try:
+        expect(page.locator("#model-version")).to_have_text("fake-1.0", timeout=15_000)
+        assert page.is_hidden("#token-form")
+        assert page.evaluate("window.location.hash") == "" and TOKEN not in page.url
         assert outside == [] and console_errors == []
     finally:
         context.close()

@@ -473,21 +473,72 @@ def export_onnx_command(bundle: Path = typer.Argument(..., help="Model bundle fo
 @app.command("serve")
 @user_errors
 def serve_command(
-    bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Largest accepted upload."),
-    concurrency: int = typer.Option(2, "--concurrency", help="Inferences run at once."),
-    queue: int = typer.Option(8, "--queue", help="Requests that may wait; more get 503."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", envvar="LUNGOPACITY_BUNDLE", help="Model bundle folder."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", envvar="LUNGOPACITY_HOST",
+        help="Address to listen on; 0.0.0.0 for every interface (then set a token and --allowed-host).",
+    ),
+    port: int = typer.Option(8000, "--port", envvar="LUNGOPACITY_PORT", min=1, max=65535, help="TCP port to listen on."),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", envvar="LUNGOPACITY_MAX_UPLOAD_MB", min=0.001, help="Largest accepted upload."),
+    concurrency: int = typer.Option(2, "--concurrency", envvar="LUNGOPACITY_CONCURRENCY", min=1, help="Inferences run at once."),
+    queue: int = typer.Option(
+        8, "--queue", envvar="LUNGOPACITY_QUEUE", min=0, help="Received uploads that may wait for an inference; more get 503.",
+    ),
+    max_uploads: int = typer.Option(
+        32, "--max-uploads", envvar="LUNGOPACITY_MAX_UPLOADS", min=1, help="Uploads being received at once; more get 503.",
+    ),
+    upload_timeout: float = typer.Option(
+        120.0, "--upload-timeout", envvar="LUNGOPACITY_UPLOAD_TIMEOUT", min=0.1,
+        help="Seconds an upload may take in all; slower ones get 408.",
+    ),
+    stall_timeout: float = typer.Option(
+        10.0, "--stall-timeout", envvar="LUNGOPACITY_STALL_TIMEOUT", min=0.1,
+        help="An upload that sends less than 1 KB in this many seconds gets 408.",
+    ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", envvar="LUNGOPACITY_HEADER_TIMEOUT", min=0.1,
+        help="Seconds a request's headers may take; slower connections get 408 and are closed.",
+    ),
+    keep_alive_timeout: int = typer.Option(
+        5, "--keep-alive-timeout", envvar="LUNGOPACITY_KEEP_ALIVE_TIMEOUT", min=1,
+        help="Seconds an idle kept-alive connection stays open.",
+    ),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="LUNGOPACITY_TOKEN", show_default=False,
+        help="Require 'Authorization: Bearer TOKEN' on every API call (the page asks for it). "
+        "Prefer the environment variable: a command line is visible to other users.",
+    ),
+    allowed_hosts: list[str] = typer.Option(
+        [], "--allowed-host", envvar="LUNGOPACITY_ALLOWED_HOSTS", show_default=False,
+        help="A host name or address clients use to reach the server, besides localhost names and loopback "
+        "addresses (repeatable; '*.example.org' for a domain, '*' for any). Other Host headers get 421. "
+        "The environment variable takes several, separated by spaces or commas.",
+    ),
 ) -> None:
     """Serve the web page and HTTP API for reading one chest X-ray at a time."""
     from lungopacity.inference.bundle import read_manifest
     from lungopacity.service.app import serve
+    from lungopacity.service.security import is_loopback_host
 
     read_manifest(bundle)  # a missing or damaged bundle stops here, as one line, before the server starts
-    typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /openapi.json)")
+    hosts = [name for entry in allowed_hosts for name in entry.replace(",", " ").split()]
+    if not token and not is_loopback_host(host):
+        typer.echo(
+            f"warning: serving on {host} without a token: anyone who can reach port {port} can use the API; "
+            "set LUNGOPACITY_TOKEN (or --token).",
+            err=True,
+        )
+    if not is_loopback_host(host) and not hosts:
+        typer.echo(
+            "note: only requests for localhost names and loopback addresses are answered (421 otherwise); "
+            "add the name clients use with --allowed-host.",
+            err=True,
+        )
+    typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /docs, metrics: /metrics)")
     serve(bundle, host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20),
-          max_concurrent=concurrency, max_queue=queue)
+          max_concurrent=concurrency, max_queue=queue, max_uploads=max_uploads,
+          upload_timeout=upload_timeout, stall_timeout=stall_timeout, header_timeout=header_timeout,
+          keep_alive_timeout=keep_alive_timeout, token=token or None, allowed_hosts=hosts)
 
 
 @app.command("demo")

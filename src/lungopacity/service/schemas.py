@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lungopacity.inference import Prediction
+from lungopacity.inference import Prediction, Reading
 
 #: Shown with every result, on the page and in the API answer.
 DISCLAIMER = (
@@ -115,3 +115,36 @@ def png_data_url(png: bytes | None) -> str | None:
     if png is None:
         return None
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def predict_response(reading: Reading, upload: UploadInfo, *, queue_wait: float, server_total: float) -> PredictResponse:
+    """The answer of ``POST /v1/predict`` for one reading: the only place it is built.
+
+    Args:
+        reading: what the predictor returned (prediction and pictures).
+        upload: the upload's hash, size and sniffed format.
+        queue_wait: seconds the request waited for an inference worker.
+        server_total: seconds from the request's arrival to this answer.
+    """
+    prediction = reading.prediction
+    timings = {key: float(value) for key, value in prediction.timings.items()}
+    timings["queue_wait"] = queue_wait
+    timings["server_total"] = server_total
+    return PredictResponse(
+        id=prediction.id,
+        model_version=prediction.model_version,
+        summary=summary_text(prediction),
+        disclaimer=DISCLAIMER,
+        probabilities={key: float(value) for key, value in prediction.probabilities.items()},
+        opacity_probability=float(prediction.opacity_probability),
+        decision=bool(prediction.decision),
+        threshold=float(prediction.threshold),
+        boxes=[BoxOut(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, score=b.score) for b in prediction.boxes],
+        image_size=[int(v) for v in prediction.image_size],
+        metadata=dict(prediction.metadata),
+        missing=list(prediction.missing),
+        timings=timings,
+        upload=upload,
+        overlay_png=png_data_url(reading.overlay_png),
+        heatmap_png=png_data_url(reading.heatmap_png),
+    )

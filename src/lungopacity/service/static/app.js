@@ -1,5 +1,9 @@
 // Lung opacity reader: uploads one file to POST /v1/predict and shows the answer.
 // Server text is always inserted with textContent, never as HTML.
+// When the server requires a token (401), the page asks for it, keeps it in this tab's
+// sessionStorage and sends it as "Authorization: Bearer ..." with every API call. A link
+// ending in "#token=..." gives it too: the fragment never reaches the server or its
+// logs, and the page removes it from the address bar at once.
 "use strict";
 
 (function () {
@@ -22,8 +26,73 @@
   const heatmapToggle = document.getElementById("heatmap-toggle");
   const pictureCaption = document.getElementById("picture-caption");
 
+  const tokenForm = document.getElementById("token-form");
+  const tokenInput = document.getElementById("token-input");
+  const tokenMessage = document.getElementById("token-message");
+  const TOKEN_KEY = "lungopacity.token";
+
   let maxUploadBytes = 50 * 1024 * 1024;
   let pictures = { overlay: null, heatmap: null, boxCount: 0 };
+  let token = "";
+
+  function saveToken(value) {
+    token = value;
+    try {
+      if (value) window.sessionStorage.setItem(TOKEN_KEY, value);
+      else window.sessionStorage.removeItem(TOKEN_KEY);
+    } catch (err) {
+      // Storage may be disabled; the token then lasts until the page is closed.
+    }
+  }
+
+  function loadToken() {
+    try {
+      token = window.sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch (err) {
+      token = "";
+    }
+    const match = /(?:^#|&)token=([^&]*)/.exec(window.location.hash);
+    if (match) {
+      saveToken(decodeURIComponent(match[1]));
+      window.history.replaceState(null, "", window.location.pathname + window.location.search);
+    }
+  }
+
+  function askForToken(message) {
+    tokenMessage.textContent = message;
+    tokenForm.hidden = false;
+    tokenInput.focus();
+  }
+
+  // fetch() with the token, if there is one; a 401 brings up the token form.
+  async function apiFetch(url, options) {
+    const settings = Object.assign({}, options || {});
+    const headers = new Headers(settings.headers || {});
+    if (token) headers.set("Authorization", "Bearer " + token);
+    settings.headers = headers;
+    const response = await fetch(url, settings);
+    if (response.status === 401) {
+      askForToken(token
+        ? "The server did not accept this token; enter it again."
+        : "This server asks for an access token. Its administrator can give you one; it is kept in this browser tab only.");
+    }
+    return response;
+  }
+
+  tokenForm.addEventListener("submit", function (event) {
+    event.preventDefault();
+    const value = tokenInput.value.trim();
+    if (!value) {
+      tokenMessage.textContent = "Enter the access token first.";
+      tokenInput.focus();
+      return;
+    }
+    saveToken(value);
+    tokenInput.value = "";
+    tokenForm.hidden = true;
+    clearError();
+    loadInfo();
+  });
 
   function humanBytes(n) {
     if (n < 1024) return n + " bytes";
@@ -45,7 +114,11 @@
 
   async function loadInfo() {
     try {
-      const response = await fetch("/v1/info", { cache: "no-store" });
+      const response = await apiFetch("/v1/info", { cache: "no-store" });
+      if (response.status === 401) {
+        document.getElementById("model-version").textContent = "unknown (enter the access token)";
+        return;
+      }
       const info = await response.json();
       maxUploadBytes = info.max_upload_bytes;
       document.getElementById("max-size").textContent = humanBytes(maxUploadBytes);
@@ -204,7 +277,7 @@
     form.setAttribute("aria-busy", "true");
     setStatus("Reading the X-ray… this can take a few seconds.");
     try {
-      const response = await fetch("/v1/predict", { method: "POST", body: body });
+      const response = await apiFetch("/v1/predict", { method: "POST", body: body });
       let data = null;
       try {
         data = await response.json();
@@ -230,5 +303,6 @@
     }
   });
 
+  loadToken();
   loadInfo();
 })();
