@@ -28,6 +28,8 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"bundle": str(bundle), **kwargs})
 
     monkeypatch.setattr("lungopacity.service.app.serve", record)
+    # The command checks the bundle before serving (tests/test_cli_errors.py covers that); no bundle here.
+    monkeypatch.setattr("lungopacity.inference.bundle.read_manifest", lambda path: None)
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     return calls
