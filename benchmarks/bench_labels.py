@@ -40,7 +40,12 @@ import pandas as pd
 from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY
 from lungopacity.io import rsna, submission
 from lungopacity.io.errors import DataFormatError
-from lungopacity.io.rsna import CLASS_INFO_CSV, CLASS_INFO_COLUMNS, LABEL_COLUMNS, xywh_rows_to_xyxy
+from lungopacity.io.rsna import (
+    CLASS_INFO_COLUMNS,
+    CLASS_INFO_CSV,
+    LABEL_COLUMNS,
+    xywh_rows_to_xyxy,
+)
 from lungopacity.io.submission import (
     FPPI_POINTS,
     SUBMISSION_COLUMNS,

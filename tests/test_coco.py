@@ -21,8 +21,8 @@ from lungopacity.io.coco import (
 from lungopacity.io.errors import DataFormatError
 
 pycocotools = pytest.importorskip("pycocotools", reason="pycocotools (the dev extra) is not installed")
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 
 def _random_case(seed: int = 0):
