@@ -11,13 +11,16 @@ import pytest
 from lungopacity.io import DataFormatError
 from lungopacity.io.rsna import (
     assign_folds,
+    boxes_per_patient,
     load_label_tables,
     load_rsna,
     make_splits,
+    read_labels_csv,
     read_metadata_csv,
     read_splits,
     stratified_split,
     write_splits,
+    xywh_rows_to_xyxy,
 )
 
 LABELS = "stage_2_train_labels.csv"
@@ -192,3 +195,148 @@ def test_real_split_has_no_patient_on_both_sides(rsna_dir: Path) -> None:
     val = splits[splits["split"] == "val"]
     assert abs(len(val) - 0.2 * len(table)) < 3
     assert not set(val["patientId"]) & set(splits.loc[splits["split"] == "train", "patientId"])
+
+
+# ------------------------------------------------- vectorised boxes vs per patient
+
+
+def _reference_boxes(rows: pd.DataFrame, patient_ids: list[str]) -> list[np.ndarray]:
+    """The former per-patient path: one pandas group per patient through xywh_rows_to_xyxy."""
+    positive = rows[rows["Target"] == 1]
+    by_patient = {pid: xywh_rows_to_xyxy(group) for pid, group in positive.groupby("patientId", sort=False)}
+    empty = np.zeros((0, 4), dtype=np.float32)
+    return [by_patient.get(pid, empty) for pid in patient_ids]
+
+
+def _assert_same_boxes(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.dtype == np.float32 and g.shape == e.shape
+        np.testing.assert_array_equal(g, e)
+
+
+# Interleaved patients (boxes of one patient not adjacent), a patient without boxes,
+# one with 4 boxes, one with a duplicated row, fractional coordinates that float32 rounds.
+EDGE_LABELS = """patientId,x,y,width,height,Target
+none,,,,,0
+four,10,20,30,40,1
+dup,100.5,200.25,50.125,60.0625,1
+four,110,120,130,140,1
+other-none,,,,,0
+dup,100.5,200.25,50.125,60.0625,1
+four,210.3,220.7,230.1,240.9,1
+four,1,2,3,4,1
+one,0.1,0.2,1000.3,1000.4,1
+"""
+EDGE_CLASSES = """patientId,class
+none,Normal
+four,Lung Opacity
+dup,Lung Opacity
+four,Lung Opacity
+other-none,No Lung Opacity / Not Normal
+dup,Lung Opacity
+four,Lung Opacity
+four,Lung Opacity
+one,Lung Opacity
+"""
+
+
+def test_vectorised_label_boxes_equal_the_per_patient_reference(tmp_path: Path) -> None:
+    folder = _write(tmp_path, EDGE_LABELS, EDGE_CLASSES)
+    table = load_label_tables(folder)
+    rows = read_labels_csv(folder / LABELS)
+    ids = ["none", "four", "dup", "other-none", "one"]
+    assert list(table["patientId"]) == ids
+    _assert_same_boxes(list(table["boxes"]), _reference_boxes(rows, ids))
+    assert [len(b) for b in table["boxes"]] == [0, 4, 2, 0, 1]
+    # File order within a patient, duplicates kept, x2 = x + w computed in float64.
+    np.testing.assert_array_equal(table["boxes"][1][:, 0], np.float32([10, 110, 210.3, 1]))
+    np.testing.assert_array_equal(table["boxes"][2][0], table["boxes"][2][1])
+    np.testing.assert_array_equal(table["boxes"][4], np.float32([[0.1, 0.2, 0.1 + 1000.3, 0.2 + 1000.4]]))
+
+
+def test_boxes_per_patient_on_mixed_and_unknown_rows() -> None:
+    # NaN box rows beside box rows of the same patient, a patient not asked for, a patient
+    # asked for without rows, a different order of the result than of the rows.
+    rows = pd.DataFrame(
+        {
+            "patientId": ["a", "b", "a", "stranger", "b", "a"],
+            "x": [np.nan, 1.0, 5.0, 9.0, 2.0, np.nan],
+            "y": [np.nan, 1.0, 6.0, 9.0, 3.0, np.nan],
+            "width": [np.nan, 2.0, 7.0, 9.0, 4.0, np.nan],
+            "height": [np.nan, 2.0, 8.0, 9.0, 5.0, np.nan],
+            "Target": [0, 1, 1, 1, 1, 0],
+        }
+    )
+    ids = ["b", "absent", "a"]
+    got = boxes_per_patient(rows, ids)
+    _assert_same_boxes(got, _reference_boxes(rows, ids))
+    np.testing.assert_array_equal(got[0], [[1, 1, 3, 3], [2, 3, 6, 8]])
+    assert got[1].shape == (0, 4)
+    np.testing.assert_array_equal(got[2], [[5, 6, 12, 14]])
+    assert boxes_per_patient(rows, []) == []
+    with pytest.raises(ValueError, match="unique"):
+        boxes_per_patient(rows, ["a", "a"])
+
+
+def test_boxes_per_patient_equals_reference_on_a_large_shuffled_table() -> None:
+    rng = np.random.default_rng(7)
+    n_patients = 3000
+    ids = [f"p{i:05d}" for i in rng.permutation(n_patients)]
+    n_boxes = rng.choice([0, 1, 2, 3, 4], n_patients, p=[0.7, 0.12, 0.14, 0.03, 0.01])
+    patient_of_row = np.concatenate([np.repeat(np.arange(n_patients), n_boxes), np.flatnonzero(n_boxes == 0)])
+    n_rows = len(patient_of_row)
+    positive = np.arange(n_rows) < n_boxes.sum()
+    xywh = np.where(positive[:, None], rng.uniform(0, 1024, (n_rows, 4)), np.nan)
+    order = rng.permutation(n_rows)  # rows of a patient scattered through the file
+    rows = pd.DataFrame(
+        {
+            "patientId": np.asarray(ids, dtype=object)[patient_of_row[order]],
+            "x": xywh[order, 0], "y": xywh[order, 1], "width": xywh[order, 2], "height": xywh[order, 3],
+            "Target": positive[order].astype(int),
+        }
+    )
+    _assert_same_boxes(boxes_per_patient(rows, ids), _reference_boxes(rows, ids))
+
+
+def _reference_clip(table: pd.DataFrame) -> tuple[list[np.ndarray], list[str]]:
+    """The former per-patient clipping loop of load_rsna."""
+    boxes_out, changed = [], []
+    for pid, boxes, h, w in zip(table["patientId"], table["boxes"], table["orig_h"], table["orig_w"]):
+        clipped = boxes.copy()
+        if len(boxes):
+            clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, w)
+            clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, h)
+            if not np.array_equal(clipped, boxes):
+                changed.append(pid)
+        boxes_out.append(clipped)
+    return boxes_out, changed
+
+
+def test_clipping_to_the_image_equals_the_per_patient_reference(tmp_path: Path) -> None:
+    from PIL import Image
+
+    labels = (
+        "patientId,x,y,width,height,Target\n"
+        "inside,1,2,3,4,1\n"  # 64 x 64 image, untouched
+        "wide,40,10,30,5,1\n"  # 48 wide x 32 high: x2 70 -> 48
+        "wide,-5.5,20,10,20,1\n"  # x1 -5.5 -> 0, y2 40 -> 32
+        "none,,,,,0\n"
+        "tall,10.25,10.75,20.5,100,1\n"  # 40 wide x 24 high: y2 -> 24
+        "tall,1,1,2,2,1\n"
+    )
+    classes = "patientId,class\n" + "".join(
+        f"{pid},{'Normal' if pid == 'none' else 'Lung Opacity'}\n"
+        for pid in ("inside", "wide", "wide", "none", "tall", "tall")
+    )
+    folder = _write(tmp_path, labels, classes)
+    (folder / "images").mkdir()
+    for pid, (h, w) in {"inside": (64, 64), "wide": (32, 48), "none": (16, 16), "tall": (24, 40)}.items():
+        Image.fromarray(np.zeros((h, w), np.uint8)).save(folder / "images" / f"{pid}.png")
+    table = load_rsna(folder)
+    unclipped = load_label_tables(folder).set_index("patientId").loc[table["patientId"], "boxes"]
+    before = table.assign(boxes=list(unclipped))
+    expected_boxes, expected_changed = _reference_clip(before)
+    _assert_same_boxes(list(table["boxes"]), expected_boxes)
+    assert table.attrs["load_report"].boxes_clipped == expected_changed == ["wide", "tall"]
+    np.testing.assert_array_equal(table["boxes"][1], [[40, 10, 48, 15], [0, 20, 4.5, 32]])

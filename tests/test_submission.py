@@ -9,6 +9,7 @@ from lungopacity.io.errors import DataFormatError
 from lungopacity.io.submission import (
     format_prediction_string,
     parse_prediction_string,
+    parse_prediction_strings,
     read_submission,
     score_submission,
     write_submission,
@@ -181,3 +182,99 @@ def test_score_agrees_with_rsna_map_and_needs_no_class_table(tmp_path, labels_cs
     alone.mkdir()
     (alone / "labels.csv").write_text(LABELS)
     assert score_submission(alone / "labels.csv", path)["rsna_map"] == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------ batch parsing vs one by one
+
+
+def _random_prediction_strings(rng: np.random.Generator, n: int) -> list[str]:
+    texts = []
+    for k in range(n):
+        values = []
+        for _ in range(int(rng.integers(0, 5))):
+            c, x, y = rng.random(), rng.uniform(-5, 1000), rng.uniform(0, 1000)
+            w, h = rng.uniform(0, 300), rng.uniform(0, 300)
+            values += [repr(c), f"{x:.3f}", str(int(y)), f"{w:g}", "0" if k % 7 == 0 else repr(h)]
+        separator = ["  ", " ", "\t", " \t "][k % 4]  # every kind of whitespace split() takes
+        texts.append((" " if k % 3 == 0 else "") + separator.join(values) + (" " if k % 5 == 0 else ""))
+    return texts
+
+
+def test_batch_parsing_equals_parsing_one_by_one():
+    texts = _random_prediction_strings(np.random.default_rng(5), 500)
+    texts += ["", "   ", "1e-3 1E2 +2 0.5e1 6", "0.9 1_000 2 3 4"]  # what float() reads, read alike
+    boxes, scores = parse_prediction_strings(texts)
+    assert len(boxes) == len(scores) == len(texts)
+    for text, got_boxes, got_scores in zip(texts, boxes, scores):
+        expected_boxes, expected_scores = parse_prediction_string(text)
+        assert got_boxes.dtype == got_scores.dtype == np.float64
+        assert got_boxes.shape == expected_boxes.shape and got_scores.shape == expected_scores.shape
+        assert np.array_equal(got_boxes, expected_boxes) and np.array_equal(got_scores, expected_scores)
+    assert parse_prediction_strings([]) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["0.5 10 20 100", "0.5 10 abc 100 200", "0.5 10 20 -100 200", "0.5 10 20 nan 200", "inf 1 2 3 4",
+     "0.5 1 2 3 -0.5", "0.5 1 2 3 4 0.1"],
+)
+def test_batch_parsing_names_the_first_bad_string_with_the_single_string_message(bad):
+    texts = ["0.9 1 2 3 4", "", bad, "0.5 10 zz 1 1"]
+    with pytest.raises(ValueError) as single:
+        parse_prediction_string(bad)
+    with pytest.raises(ValueError) as batch:
+        parse_prediction_strings(texts)
+    assert batch.value.index == 2 and batch.value.cause == str(single.value) == str(batch.value)
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "cause"),
+    [
+        # A bad string before a bad row: the string is reported, as when parsing row by row.
+        (["a,0.5 1 2 3", ",0.5 1 2 3 4"], 2, "patient a: bad PredictionString: 4 values"),
+        (["a,0.5 1 2 3 4", "b,0.5 x 2 3 4", "a,"], 3, "patient b: bad PredictionString: value 2 ('x')"),
+        # A bad row before a bad string: the row is reported.
+        ([",0.5 1 2 3 4", "a,0.5 1 2 3"], 2, "empty patientId"),
+        (["a,", "a,0.5 1 2 3", "b,0.5 x 2 3 4"], 3, "patient a already appeared on line 2"),
+        (["a,", "b,1 2 3 4 5,extra", "c,0.5 x 2 3 4"], 3, "3 fields, expected 2"),
+        (["a,", "", " , ", "b,0.5 1 2 -3 4"], 5, "patient b: bad PredictionString: box 1 has a negative"),
+    ],
+)
+def test_read_submission_reports_the_first_error_of_the_file(tmp_path, rows, line, cause):
+    path = tmp_path / "sub.csv"
+    path.write_text("patientId,PredictionString\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError) as error:
+        read_submission(path)
+    assert str(error.value).startswith(f"{path}: line {line}: {cause}")
+
+
+def test_read_submission_skips_blank_rows_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "sub.csv"
+    path.write_text('patientId,PredictionString\n\na,"0.5 1 2\n3 4"\n , \nb,0.25 0 0 1 1\nc,0.5 1 x 3 4\n')
+    with pytest.raises(DataFormatError, match=r"line 7: patient c"):
+        read_submission(path)  # the quoted string spanning two lines counts as two
+    path.write_text('patientId,PredictionString\n\na,"0.5 1 2\n3 4"\n , \nb,0.25 0 0 1 1\n')
+    table = read_submission(path)
+    assert table["patientId"].tolist() == ["a", "b"]
+    np.testing.assert_array_equal(table["boxes"][0], [[1, 2, 4, 6]])
+    np.testing.assert_array_equal(table["scores"][1], [0.25])
+
+
+def test_labels_only_ground_truth_equals_the_per_patient_reference(tmp_path):
+    from lungopacity.io.rsna import read_labels_csv, xywh_rows_to_xyxy
+    from lungopacity.io.submission import _labels_table
+
+    # Without the class table, mixed Target rows of one patient are allowed: only its
+    # box rows count. Duplicated rows stay duplicated.
+    labels = LABELS + "p-mixed,,,,,0\np-mixed,1,2,3,4,1\np-one,100,150,200,300,1\n"
+    (tmp_path / "labels.csv").write_text(labels)
+    table = _labels_table(tmp_path / "labels.csv", None)
+    rows = read_labels_csv(tmp_path / "labels.csv")
+    positive = rows[rows["Target"] == 1]
+    reference = {pid: xywh_rows_to_xyxy(g) for pid, g in positive.groupby("patientId", sort=False)}
+    assert table["patientId"].tolist() == ["p-normal", "p-one", "p-two", "p-other", "p-mixed"]
+    for pid, boxes, target in zip(table["patientId"], table["boxes"], table["Target"]):
+        expected = reference.get(pid, np.zeros((0, 4), np.float32))
+        assert boxes.dtype == np.float32 and np.array_equal(boxes, expected.reshape(-1, 4))
+        assert target == int(len(expected) > 0)
+    assert len(table["boxes"][1]) == 2

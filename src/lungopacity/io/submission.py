@@ -10,6 +10,7 @@ form exists: everything it returns holds boxes as xyxy.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -21,11 +22,17 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from lungopacity.io.errors import DataFormatError
-from lungopacity.io.rsna import CLASS_INFO_CSV, load_label_tables, read_labels_csv, xywh_rows_to_xyxy
+from lungopacity.io.rsna import (
+    CLASS_INFO_CSV,
+    boxes_per_patient,
+    load_label_tables,
+    object_column,
+    read_labels_csv,
+    split_rows,
+)
 from lungopacity.metrics.rsna_map import (
     RSNA_IOU_THRESHOLDS,
-    per_image_precision,
-    precision_per_threshold,
+    precision_matrix,
     sensitivity_at_fppi,
 )
 
@@ -103,6 +110,57 @@ def parse_prediction_string(text: str) -> tuple[np.ndarray, np.ndarray]:
     return boxes, groups[:, 0].copy()
 
 
+class _BadPredictionString(ValueError):
+    """The first malformed string of a batch: its position and what is wrong with it."""
+
+    def __init__(self, index: int, cause: str) -> None:
+        super().__init__(cause)
+        self.index, self.cause = index, cause
+
+
+def parse_prediction_strings(texts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`parse_prediction_string` for many strings at once, with the same results.
+
+    The strings are split and converted with one ``float`` pass over all their tokens
+    and checked as one array; only when that finds a problem are they parsed again one
+    by one, so the error is the one :func:`parse_prediction_string` gives for the first
+    malformed string.
+
+    Returns:
+        Per string, xyxy boxes ``(N, 4)`` and scores ``(N,)`` (float64).
+
+    Raises:
+        ValueError: the first malformed string; ``.index`` is its position and
+            ``.cause`` the message :func:`parse_prediction_string` gives for it.
+    """
+    if len(texts) == 0:
+        return [], []
+    token_lists = [text.split() for text in texts]
+    counts = np.fromiter(map(len, token_lists), dtype=np.intp, count=len(token_lists))
+    values: np.ndarray | None = None
+    if not (counts % 5).any():
+        try:
+            values = np.array(list(map(float, itertools.chain.from_iterable(token_lists))), dtype=np.float64)
+        except ValueError:
+            values = None
+    if values is not None:
+        groups = values.reshape(-1, 5)
+        if not (np.isfinite(values).all() and (groups[:, 3:] >= 0).all()):
+            values = None
+    if values is None:
+        for index, text in enumerate(texts):  # slow path, reached only when a string is bad
+            try:
+                parse_prediction_string(text)
+            except ValueError as exc:
+                raise _BadPredictionString(index, str(exc)) from None
+        raise AssertionError("the batch check and parse_prediction_string disagree")  # pragma: no cover
+    boxes = groups[:, 1:].copy()
+    boxes[:, 2] += boxes[:, 0]
+    boxes[:, 3] += boxes[:, 1]
+    scores = groups[:, 0].copy()
+    return split_rows(boxes, counts // 5), split_rows(scores, counts // 5)
+
+
 def write_submission(
     path: str | Path,
     ids: Sequence[str],
@@ -166,9 +224,13 @@ def read_submission(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise DataFormatError(path, "file not found")
     ids: list[str] = []
-    boxes: list[np.ndarray] = []
-    scores: list[np.ndarray] = []
+    texts: list[str] = []
+    lines: list[int] = []
     line_of: dict[str, int] = {}
+    # The rows are read first and their prediction strings parsed afterwards in one batch.
+    # A row error stops the reading but is raised only after the strings before it are
+    # parsed, so the error reported is the first in the file, as with row-by-row parsing.
+    row_error: DataFormatError | None = None
     try:
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
@@ -185,30 +247,39 @@ def read_submission(path: str | Path) -> pd.DataFrame:
             id_col, pred_col = header.index("patientId"), header.index("PredictionString")
             for row in reader:
                 line = reader.line_num
-                if not row or all(not cell.strip() for cell in row):
+                if not "".join(row).strip():  # a blank line, or only blank cells
                     continue
                 if len(row) != len(header):
-                    raise DataFormatError(path, f"line {line}: {len(row)} fields, expected {len(header)}")
+                    row_error = DataFormatError(path, f"line {line}: {len(row)} fields, expected {len(header)}")
+                    break
                 pid = row[id_col].strip()
                 if not pid:
-                    raise DataFormatError(path, f"line {line}: empty patientId")
+                    row_error = DataFormatError(path, f"line {line}: empty patientId")
+                    break
                 if pid in line_of:
-                    raise DataFormatError(path, f"line {line}: patient {pid} already appeared on line {line_of[pid]}")
-                try:
-                    b, s = parse_prediction_string(row[pred_col])
-                except ValueError as exc:
-                    raise DataFormatError(path, f"line {line}: patient {pid}: bad PredictionString: {exc}") from None
+                    row_error = DataFormatError(
+                        path, f"line {line}: patient {pid} already appeared on line {line_of[pid]}"
+                    )
+                    break
                 line_of[pid] = line
                 ids.append(pid)
-                boxes.append(b)
-                scores.append(s)
+                texts.append(row[pred_col])
+                lines.append(line)
     except UnicodeDecodeError as exc:
-        raise DataFormatError(path, f"not a text CSV ({exc})") from None
+        row_error = DataFormatError(path, f"not a text CSV ({exc})")
     except csv.Error as exc:
-        raise DataFormatError(path, f"not a readable CSV ({exc})") from None
+        row_error = DataFormatError(path, f"not a readable CSV ({exc})")
+    try:
+        boxes, scores = parse_prediction_strings(texts)
+    except _BadPredictionString as exc:
+        raise DataFormatError(
+            path, f"line {lines[exc.index]}: patient {ids[exc.index]}: bad PredictionString: {exc.cause}"
+        ) from None
+    if row_error is not None:
+        raise row_error
     table = pd.DataFrame({"patientId": pd.Series(ids, dtype=object)})
-    table["boxes"] = pd.Series(boxes, dtype=object)
-    table["scores"] = pd.Series(scores, dtype=object)
+    table["boxes"] = object_column(boxes)
+    table["scores"] = object_column(scores)
     return table
 
 
@@ -218,13 +289,11 @@ def _labels_table(labels_csv: Path, class_info_csv: str | Path | None) -> pd.Dat
     if labels_csv.is_dir() or class_info_csv is not None or (labels_csv.parent / CLASS_INFO_CSV).exists():
         return load_label_tables(labels_csv, class_info_csv)
     rows = read_labels_csv(labels_csv)
-    positive = rows[rows["Target"] == 1]
-    boxes = {pid: xywh_rows_to_xyxy(group) for pid, group in positive.groupby("patientId", sort=False)}
-    empty = np.zeros((0, 4), dtype=np.float32)
     ids = rows["patientId"].drop_duplicates().tolist()
+    boxes = boxes_per_patient(rows, ids)
     table = pd.DataFrame({"patientId": ids})
-    table["boxes"] = [boxes.get(pid, empty) for pid in ids]
-    table["Target"] = [int(len(b) > 0) for b in table["boxes"]]
+    table["boxes"] = object_column(boxes)
+    table["Target"] = [int(len(b) > 0) for b in boxes]
     return table
 
 
@@ -269,9 +338,15 @@ def score_submission(
     gt = list(labels["boxes"])
     pred_boxes = [p[0] for p in predictions]
     pred_scores = [p[1] for p in predictions]
-    per_image = per_image_precision(gt, pred_boxes, pred_scores)
-    counted = ~np.isnan(per_image)
-    per_threshold = precision_per_threshold(gt, pred_boxes, pred_scores)
+    # One matching serves both means (per_image_precision and precision_per_threshold
+    # would each match the whole dataset again).
+    score, counted = precision_matrix(gt, pred_boxes, pred_scores)
+    per_image = np.where(counted, score.mean(axis=1), np.nan)
+    if counted.any():
+        per_threshold = score[counted].mean(axis=0)
+    else:
+        log.warning("no image has ground truth or predictions; the metric is undefined")
+        per_threshold = np.full(score.shape[1], np.nan)
     n_gt_boxes = int(sum(len(b) for b in gt))
     result: dict[str, Any] = {
         "rsna_map": float(per_image[counted].mean()) if counted.any() else float("nan"),

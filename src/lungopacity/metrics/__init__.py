@@ -3,6 +3,9 @@ operating points and calibration. Boxes are xyxy in pixels (see :mod:`.boxes`)."
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from lungopacity.metrics.boxes import (
     clip_boxes,
     iou_matrix,
@@ -10,28 +13,6 @@ from lungopacity.metrics.boxes import (
     shrink_boxes,
     xywh_to_xyxy,
     xyxy_to_xywh,
-)
-from lungopacity.metrics.classification import (
-    AucInterval,
-    DeLongResult,
-    OperatingPoint,
-    PairedBootstrapResult,
-    ReliabilityCurve,
-    bootstrap_auc_ci,
-    confusion_matrix,
-    delong_test,
-    expected_calibration_error,
-    fit_temperature,
-    negative_log_likelihood,
-    one_vs_rest_auc,
-    paired_bootstrap_auc_test,
-    reliability_curve,
-    roc_auc,
-    roc_curve,
-    sensitivity_specificity,
-    softmax,
-    threshold_at_sensitivity,
-    youden_threshold,
 )
 from lungopacity.metrics.rsna_map import (
     RSNA_IOU_THRESHOLDS,
@@ -43,6 +24,72 @@ from lungopacity.metrics.rsna_map import (
     rsna_map,
     sensitivity_at_fppi,
 )
+
+if TYPE_CHECKING:
+    from lungopacity.metrics.classification import (
+        AucInterval,
+        DeLongResult,
+        OperatingPoint,
+        PairedBootstrapResult,
+        ReliabilityCurve,
+        bootstrap_auc_ci,
+        confusion_matrix,
+        delong_test,
+        expected_calibration_error,
+        fit_temperature,
+        negative_log_likelihood,
+        one_vs_rest_auc,
+        paired_bootstrap_auc_test,
+        reliability_curve,
+        roc_auc,
+        roc_curve,
+        sensitivity_specificity,
+        softmax,
+        threshold_at_sensitivity,
+        youden_threshold,
+    )
+
+# The classification statistics load on first use (PEP 562): they need SciPy, whose
+# ~1 s import ``lungopacity score`` (boxes and the RSNA metric: pure NumPy) should not pay.
+# The box and RSNA-metric names stay eager: ``rsna_map`` is also the name of a submodule,
+# which a lazy lookup would return instead of the function once the submodule is imported.
+_CLASSIFICATION_NAMES: frozenset[str] = frozenset(
+    {
+        "AucInterval",
+        "DeLongResult",
+        "OperatingPoint",
+        "PairedBootstrapResult",
+        "ReliabilityCurve",
+        "bootstrap_auc_ci",
+        "confusion_matrix",
+        "delong_test",
+        "expected_calibration_error",
+        "fit_temperature",
+        "negative_log_likelihood",
+        "one_vs_rest_auc",
+        "paired_bootstrap_auc_test",
+        "reliability_curve",
+        "roc_auc",
+        "roc_curve",
+        "sensitivity_specificity",
+        "softmax",
+        "threshold_at_sensitivity",
+        "youden_threshold",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _CLASSIFICATION_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module("lungopacity.metrics.classification"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "RSNA_IOU_THRESHOLDS",

@@ -294,6 +294,25 @@ def _score_matrix(
     return np.concatenate(score_blocks, axis=0), np.concatenate(counted_blocks)
 
 
+def precision_matrix(
+    gt: Sequence[ArrayLike | None],
+    preds: Sequence[ArrayLike | None],
+    scores: Sequence[ArrayLike | None],
+    thresholds: Sequence[float] = RSNA_IOU_THRESHOLDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """TP / (TP + FP + FN) per image and IoU threshold, from one matching.
+
+    What :func:`per_image_precision` (mean over thresholds) and
+    :func:`precision_per_threshold` (mean over counted images) average, for a caller that
+    wants both without matching the dataset twice.
+
+    Returns:
+        float64 ``(n, T)`` scores (NaN rows for images that do not count) and the bool
+        ``(n,)`` mask of the images that count (ground truth or predictions).
+    """
+    return _score_matrix(gt, preds, scores, thresholds)
+
+
 def per_image_precision(
     gt: Sequence[ArrayLike | None],
     preds: Sequence[ArrayLike | None],
