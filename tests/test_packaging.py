@@ -30,7 +30,8 @@ PACKAGE = SRC / "lungopacity"
 EXTRAS_OF_PART: dict[str, tuple[str, ...]] = {
     "service/": ("service",),
     "inference/onnx.py": ("onnx",),
-    "models/weights.py": ("weights",),
+    "models/pretrained.py": ("weights",),  # imports the weight packages by name, when asked for
+    "engine/tensorboard.py": ("tensorboard",),
 }
 
 # Import names whose distribution cannot be found from the installed metadata when the
