@@ -14,32 +14,114 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import typer
+
+from lungopacity import __version__
 
 app = typer.Typer(
     name="lungopacity",
     help=(
         "Lung opacity (pneumonia) identification on chest X-rays.\n\n"
         "Typical order: demo-data (or the RSNA download) -> prepare -> train-classifier -> "
-        "train-fusion -> train-detector -> bundle -> predict / serve."
+        "evaluate-classifier -> train-fusion -> train-detector -> evaluate-detector -> bundle -> "
+        "predict / serve."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain Click messages: a usage error is one line on stderr, readable in logs and CI.
+    rich_markup_mode=None,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: -v / -vv: the library's log lines at INFO / DEBUG; by default only its warnings.
+LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
 
-def _setup_logging(verbose: bool) -> None:
+
+def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=LOG_LEVELS[min(max(verbosity, 0), len(LOG_LEVELS) - 1)],
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
+
+
+# Options with a fixed set of values: a wrong value is a usage error (exit 2) listing them.
+class Recipe(str, Enum):
+    paper = "paper"
+    finetune = "finetune"
+
+
+class Balance(str, Enum):
+    none = "none"
+    loss = "loss"
+    sampler = "sampler"
+
+
+class Select(str, Enum):
+    best = "best"
+    last = "last"
+
+
+class Arch(str, Enum):
+    retinanet = "retinanet"
+    fasterrcnn = "fasterrcnn"
+
+
+class ClassifierSplit(str, Enum):
+    val = "val"
+    all = "all"
+
+
+class DetectorSplit(str, Enum):
+    val = "val"
+    train = "train"
+    all = "all"
+
+
+class Runtime(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class Sex(str, Enum):
+    M = "M"
+    F = "F"
+
+
+class View(str, Enum):
+    AP = "AP"
+    PA = "PA"
+
+
+def _check_device(value: str) -> str:
+    from lungopacity.devices import DEVICE_HELP, DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(value.strip().lower()):
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_HELP}")
+    return value.strip().lower()
+
+
+def _device_option() -> Any:
+    from lungopacity.devices import DEVICE_HELP
+
+    return typer.Option("auto", "--device", callback=_check_device, help=DEVICE_HELP)
+
+
+def _value(choice: Enum | None) -> Any:
+    return None if choice is None else choice.value
+
+
+PRETRAINED_HELP = (
+    "none | efficientnet-lite0 / -lite1 / -lite2 (offline ImageNet weights, for the matching efficientnet_liteN "
+    "backbone; the 'weights' extra) | timm (timm's hub, online) | PATH to a .safetensors/.pth/.pt/.bin file."
+)
 
 
 #: Exit status of a command that failed on a library error (Click uses 2 for usage errors).
@@ -109,8 +191,21 @@ class _TqdmProgress:
             self.bar = None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lungopacity {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+def main(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="Show the library's log lines: -v for INFO, -vv for DEBUG."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Lung opacity identification on chest radiographs (RSNA Pneumonia Detection Challenge format)."""
     _setup_logging(verbose)
 
@@ -185,33 +280,40 @@ def train_classifier_command(
     cache: Path = typer.Argument(..., help="Prepared cache folder (from `lungopacity prepare`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (or to continue with --resume)."),
     backbone: str = typer.Option("legacy_xception", "--backbone", help="Any timm model name (paper: legacy_xception)."),
-    pretrained: str = typer.Option(
-        "none", "--pretrained", help="none | timm (hub, online) | efficientnet-lite0 (offline ImageNet) | PATH to weights."
+    pretrained: str = typer.Option("none", "--pretrained", help=PRETRAINED_HELP),
+    size: Optional[int] = typer.Option(
+        None, "--size", min=32, help="Network input side in pixels (default: the cache's size; one resize on the device)."
     ),
-    size: Optional[int] = typer.Option(None, "--size", help="Network input size (default: the cache's size)."),
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    recipe: str = typer.Option("finetune", "--recipe", help="paper (SGD 0.045, x0.94 / 2 epochs) | finetune (AdamW + cosine)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Override the recipe's learning rate."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs per fold (early stopping may end sooner)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per training step (per process under DDP)."),
+    recipe: Recipe = typer.Option(
+        Recipe.finetune, "--recipe", help="paper (SGD 0.045, x0.94 every 2 epochs) | finetune (AdamW, warm-up + cosine)."
+    ),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Override the recipe's peak learning rate."),
     folds: int = typer.Option(
-        1, "--folds", min=1,
-        help="1: the cache's train/val split; K >= 2: the cache's K folds (as made by prepare --folds K), "
-        "with out-of-fold predictions.",
+        5, "--folds", min=1,
+        help="K >= 2: train on the cache's K folds (prepare --folds K, 5 by default) and write out-of-fold "
+        "probabilities for every patient (oof.csv, what train-fusion and the bundle's calibration use); "
+        "1: the cache's train/val split only.",
     ),
-    seed: int = typer.Option(0, "--seed"),
-    balance: str = typer.Option("none", "--balance", help="Class balance: none | loss | sampler."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."),
+    balance: Balance = typer.Option(
+        Balance.none, "--balance", help="Class balance: none | loss (class-weighted) | sampler (balanced batches)."
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Scale/shift/rotation, brightness/contrast/gamma."),
     hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (off by default: anatomy is not symmetric)."),
-    patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without a better validation AUC."),
-    select: str = typer.Option(
-        "best", "--select",
+    patience: int = typer.Option(5, "--patience", min=1, help="Early stopping: epochs without a better validation AUC."),
+    select: Select = typer.Option(
+        Select.best, "--select",
         help="Weights each fold keeps: best (best validation AUC; chosen on the patients of oof.csv, optimistic) "
         "| last (the final epoch, no early stopping).",
     ),
-    grad_clip: float = typer.Option(5.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch", help="Bound each epoch (smoke runs)."),
+    grad_clip: float = typer.Option(5.0, "--grad-clip", min=0.0, help="Gradient norm clip (0 disables)."),
+    device: str = _device_option(),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps-per-epoch", min=1, help="Bound each epoch to this many steps (smoke runs, benchmarks)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
 ) -> None:
     """Train the 3-class classifier (Normal / Not Normal / Lung Opacity) on a prepared cache.
@@ -225,9 +327,9 @@ def train_classifier_command(
     from lungopacity.engine.classifier import ClassifierTrainConfig, train_classifier
 
     config = ClassifierTrainConfig(
-        backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, recipe=recipe,
-        lr=lr, folds=folds, seed=seed, balance=balance, augment=augment, hflip=hflip, patience=patience,
-        select=select, grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+        backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
+        recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
+        patience=patience, select=select.value, grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
     m = result.metrics
@@ -244,9 +346,11 @@ def evaluate_classifier_command(
     run: Path = typer.Argument(..., help="Classifier run folder."),
     cache: Path = typer.Option(..., "--cache", help="Prepared cache to evaluate on."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder (metrics.json, report.md, PNGs)."),
-    split: str = typer.Option("val", "--split", help="val: the cache's validation split; all: every patient."),
-    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95 % intervals."),
-    device: str = typer.Option("auto", "--device"),
+    split: ClassifierSplit = typer.Option(
+        ClassifierSplit.val, "--split", help="val: the cache's validation split; all: every patient."
+    ),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95 % intervals."),
+    device: str = _device_option(),
 ) -> None:
     """Evaluate a classifier: ROC per class (the paper's Figure 7), AUCs with 95 % intervals,
     accuracy and confusion matrix, operating points, opacity AUC by view.
@@ -256,7 +360,7 @@ def evaluate_classifier_command(
     """
     from lungopacity.engine.evaluate import evaluate_classifier
 
-    metrics = evaluate_classifier(run, cache, split=split, out_dir=out, n_boot=n_boot, device=device,
+    metrics = evaluate_classifier(run, cache, split=split.value, out_dir=out, n_boot=n_boot, device=device,
                                   progress=_TqdmProgress())
     typer.echo(
         f"{metrics['n']} patients: opacity AUC {metrics['opacity_auc']:.4f}, accuracy {metrics['accuracy']:.3f}; "
@@ -269,20 +373,24 @@ def evaluate_classifier_command(
 def train_detector_command(
     cache: Path = typer.Argument(..., help="Prepared cache folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Detector run folder (or the one to --resume)."),
-    arch: str = typer.Option("retinanet", "--arch", help="retinanet | fasterrcnn."),
+    arch: Arch = typer.Option(Arch.retinanet, "--arch", help="retinanet (one stage, the default) | fasterrcnn."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Any timm model with features_only."),
-    pretrained: str = typer.Option("none", "--pretrained", help="none | efficientnet-lite0 | timm | PATH."),
-    size: Optional[int] = typer.Option(None, "--size", help="Detector input size (default: the cache's size)."),
-    epochs: int = typer.Option(12, "--epochs", min=1),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    lr: float = typer.Option(3e-4, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
+    pretrained: str = typer.Option("none", "--pretrained", help=PRETRAINED_HELP),
+    size: Optional[int] = typer.Option(
+        None, "--size", min=32, help="Side the detector resizes its input to (default: the cache's size)."
+    ),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs (early stopping may end sooner)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per training step."),
+    lr: float = typer.Option(3e-4, "--lr", min=0.0, help="Peak learning rate (AdamW, warm-up + cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling and augmentation."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Box-aware scale/shift/rotation + intensity."),
-    hflip: bool = typer.Option(False, "--hflip"),
-    patience: int = typer.Option(5, "--patience"),
-    device: str = typer.Option("auto", "--device"),
-    workers: int = typer.Option(0, "--workers"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps-per-epoch"),
+    hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (boxes move along)."),
+    patience: int = typer.Option(5, "--patience", min=1, help="Early stopping: epochs without a better validation metric."),
+    device: str = _device_option(),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps-per-epoch", min=1, help="Bound each epoch to this many steps (smoke runs, benchmarks)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
 ) -> None:
     """Train the opacity detector (RetinaNet over a timm backbone with an FPN) on all patients.
@@ -294,7 +402,7 @@ def train_detector_command(
     from lungopacity.engine.detector import DetectorTrainConfig, train_detector
 
     config = DetectorTrainConfig(
-        arch=arch, backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        arch=arch.value, backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, augment=augment, hflip=hflip, patience=patience, device=device, num_workers=workers,
         max_steps_per_epoch=max_steps,
     )
@@ -311,11 +419,13 @@ def evaluate_detector_command(
     run: Path = typer.Argument(..., help="Detector run folder."),
     cache: Path = typer.Option(..., "--cache", help="Prepared cache to evaluate on."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder."),
-    split: str = typer.Option("val", "--split", help="val | train | all."),
+    split: DetectorSplit = typer.Option(
+        DetectorSplit.val, "--split", help="val: the cache's validation split | train | all: every patient."
+    ),
     classifier_probs: Optional[Path] = typer.Option(
         None, "--classifier-probs", help="CSV with patientId,p_lung_opacity (e.g. RUN/oof.csv) for gating."
     ),
-    device: str = typer.Option("auto", "--device"),
+    device: str = _device_option(),
 ) -> None:
     """Evaluate the detector: the RSNA metric, precision per IoU threshold, sensitivity at
     0.5/1/2 false positives per image, by view, overlays of the best and worst cases
@@ -323,7 +433,7 @@ def evaluate_detector_command(
     """
     from lungopacity.engine.evaluate_detection import evaluate_detector
 
-    report = evaluate_detector(run, cache, split=split, out_dir=out, classifier_probs=classifier_probs, device=device)
+    report = evaluate_detector(run, cache, split=split.value, out_dir=out, classifier_probs=classifier_probs, device=device)
     main = report["variants"][report["main_variant"]]
     cross = main.get("cross_fitted_rsna_map")
     typer.echo(
@@ -357,8 +467,8 @@ def train_fusion_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the fusion network and its report."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="The prepared cache the classifier trained on."),
     data: Optional[Path] = typer.Option(None, "--data", help="Or: the RSNA folder (label CSVs + metadata.csv)."),
-    seed: int = typer.Option(0, "--seed"),
-    n_bootstrap: int = typer.Option(2000, "--n-bootstrap", help="Bootstrap resamples for the AUC intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the network's initialisation and the cross-fitting splits."),
+    n_bootstrap: int = typer.Option(2000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC intervals."),
 ) -> None:
     """Train the paper's fusion network: sex, age, view + the 3 class probabilities -> P(opacity).
 
@@ -385,7 +495,8 @@ def bundle_command(
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector run folder (train-detector --out)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="The classifier's cache (default: as recorded in the run)."),
     sensitivity: Optional[float] = typer.Option(
-        None, "--sensitivity", help="Operating threshold for this sensitivity (default: Youden's J)."
+        None, "--sensitivity", min=0.0, max=1.0,
+        help="Choose the operating threshold for this sensitivity on held-out patients (default: Youden's J).",
     ),
     detector_postprocess: Optional[Path] = typer.Option(
         None, "--detector-postprocess",
@@ -417,17 +528,23 @@ def predict_command(
     metadata_csv: Optional[Path] = typer.Option(
         None, "--metadata-csv", help="id,sex,age,view per image (RSNA's metadata.csv columns work too)."
     ),
-    sex: Optional[str] = typer.Option(None, "--sex", help="M or F: fills the sex of every input whose header lacks it."),
+    sex: Optional[Sex] = typer.Option(
+        None, "--sex", help="M or F: fills the sex of every input whose header lacks it."
+    ),
     age: Optional[str] = typer.Option(
         None, "--age", help="Age in years (0-120): fills the age of every input whose header lacks it."
     ),
-    view: Optional[str] = typer.Option(None, "--view", help="AP or PA: fills the view of every input whose header lacks it."),
+    view: Optional[View] = typer.Option(
+        None, "--view", help="AP or PA: fills the view of every input whose header lacks it."
+    ),
     override: bool = typer.Option(
         False, "--override", help="Let --sex/--age/--view and the metadata CSV replace values the header has."
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (after `lungopacity export-onnx`)."),
+    device: str = _device_option(),
+    runtime: Runtime = typer.Option(
+        Runtime.torch, "--runtime", help="torch | onnx (ONNX Runtime, after `lungopacity export-onnx`)."
+    ),
     images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
 ) -> None:
@@ -439,10 +556,11 @@ def predict_command(
     from lungopacity.inference.batch import predict_to_folder
     from lungopacity.inference.predictor import Predictor
 
-    predictor = Predictor.from_bundle(bundle, device=device, runtime=runtime)
+    predictor = Predictor.from_bundle(bundle, device=device, runtime=runtime.value)
     bar = _Progress("predict")
     try:
-        result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=sex, age=age, view=view,
+        result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=_value(sex), age=age,
+                                   view=_value(view),
                                    override=override, batch_size=batch_size, with_images=images,
                                    overwrite=overwrite, progress=bar)
     finally:
@@ -546,7 +664,7 @@ def serve_command(
 def demo_command(
     out: Path = typer.Option(Path("demo-run"), "--out", "-o", help="Folder for everything the demo writes."),
     n: int = typer.Option(300, "--n", min=30, help="Synthetic patients."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data and of every training step: the same seed, the same run."),
 ) -> None:
     """Run the whole chain on the built-in synthetic dataset (what `make demo` runs).
 

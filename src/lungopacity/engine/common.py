@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from lungopacity.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -39,15 +41,6 @@ class SilentProgress:
 
     def close(self) -> None:
         pass
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> the local CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 @dataclass

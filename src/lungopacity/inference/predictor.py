@@ -24,6 +24,7 @@ import torch
 
 from lungopacity.constants import CLASS_KEYS, LUNG_OPACITY
 from lungopacity.data.preprocess import decode_prepared, network_input
+from lungopacity.devices import resolve_device
 from lungopacity.errors import BundleError, ConfigError
 from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
 from lungopacity.inference.manifest import BundleManifest
@@ -88,7 +89,7 @@ class Predictor:
     def from_bundle(
         cls,
         path: str | Path,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         *,
         runtime: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -97,7 +98,7 @@ class Predictor:
 
         Args:
             path: the bundle folder.
-            device: 'cpu', 'cuda', ...
+            device: 'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'.
             runtime: 'torch' or 'onnx' (ONNX Runtime on the models exported by
                 ``lungopacity export-onnx``).
             max_pixels: refuse larger images (decompression bombs).
@@ -106,12 +107,7 @@ class Predictor:
             BundleError: incompatible version, a missing or damaged part.
         """
         path = Path(path)
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError("--device", f"{device!r} is not a device ({exc})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device", f"{device} was asked for but this machine has no usable CUDA GPU; use cpu")
+        device = resolve_device(device)
         manifest = read_manifest(path)
         predictor = cls(path, manifest, device, max_pixels)
         if runtime == "onnx":
