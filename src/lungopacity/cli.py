@@ -546,6 +546,7 @@ def predict_command(
         Runtime.torch, "--runtime", help="torch | onnx (ONNX Runtime, after `lungopacity export-onnx`)."
     ),
     images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
+    coco: bool = typer.Option(False, "--coco", help="Also write the boxes as a COCO dataset (OUT/coco.json)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
 ) -> None:
     """Read X-rays with a bundle: class probabilities, fused P(opacity), decision and boxes.
@@ -561,7 +562,7 @@ def predict_command(
     try:
         result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=_value(sex), age=age,
                                    view=_value(view),
-                                   override=override, batch_size=batch_size, with_images=images,
+                                   override=override, batch_size=batch_size, with_images=images, coco=coco,
                                    overwrite=overwrite, progress=bar)
     finally:
         bar.close()

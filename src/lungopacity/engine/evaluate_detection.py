@@ -17,7 +17,9 @@ The folder gets ``report.json``, ``report.md``, ``per_patient.csv``,
 ``postprocess_grid_<variant>.csv``, ``best_cases.png`` and ``worst_cases.png`` (every box of
 each patient over the image: ground truth green, predictions orange with scores) and
 ``submission.csv`` (the main variant: gated when probabilities are given, else stored),
-plus ``submission_<variant>.csv`` for the others.
+plus ``submission_<variant>.csv`` for the others, and the same as COCO JSON for detection
+tools (pycocotools, FiftyOne, CVAT): ``coco_ground_truth.json`` (a dataset) and
+``coco_detections.json`` (the main variant's detections, a results list).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lungopacity.postprocess import (
     tune_postprocess,
 )
 from lungopacity.io.errors import DataFormatError
+from lungopacity.io.coco import write_coco_dataset, write_coco_results
 from lungopacity.io.submission import write_submission
 from lungopacity.reports.detection import (
     case_sheet,
@@ -50,6 +53,8 @@ from lungopacity.reports.detection import (
 )
 
 log = logging.getLogger(__name__)
+
+COCO_GROUND_TRUTH, COCO_DETECTIONS = "coco_ground_truth.json", "coco_detections.json"
 
 PROBABILITY_COLUMN = "p_lung_opacity"
 
@@ -202,6 +207,10 @@ def evaluate_detector(
         path = out_dir / ("submission.csv" if name == main_name else f"submission_{name}.csv")
         write_submission(path, ids, variant["_boxes"], variant["_scores"])
         files[f"submission ({name})"] = path.name
+    sizes = [(int(h), int(w)) for h, w in zip(cache.table["orig_h"].iloc[positions], cache.table["orig_w"].iloc[positions])]
+    write_coco_dataset(out_dir / COCO_GROUND_TRUTH, ids, sizes, gt)
+    write_coco_results(out_dir / COCO_DETECTIONS, ids, main["_boxes"], main["_scores"])
+    files["COCO ground truth"], files[f"COCO detections ({main_name})"] = COCO_GROUND_TRUTH, COCO_DETECTIONS
     for name, grid in grids.items():
         grid.to_csv(out_dir / f"postprocess_grid_{name}.csv", index=False)
         files[f"post-processing grid ({name})"] = f"postprocess_grid_{name}.csv"

@@ -14,6 +14,8 @@ The output folder:
 * ``predictions.csv``, ``submission.csv`` (the challenge's format), ``errors.csv``
   (``input,error``) — appended after every batch;
 * ``predictions.json`` — every prediction, written when the run ends;
+* ``coco.json`` (with ``coco``) — the predicted boxes as a COCO dataset (annotations with
+  ``score``) for detection tools (FiftyOne, CVAT, pycocotools), written when the run ends;
 * ``overlays/<id>.png`` and ``overlays/<id>_heatmap.png`` — the pictures, per image;
 * ``predict_run.json`` — the bundle and options of the run: a rerun into the same folder
   with another bundle or other options is refused (``overwrite`` starts afresh).
@@ -49,11 +51,11 @@ from lungopacity.io.submission import SUBMISSION_COLUMNS, format_prediction_stri
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE, RUN_FILE = "journal.jsonl", "predict_run.json"
-PREDICTIONS_CSV, PREDICTIONS_JSON, SUBMISSION_CSV, ERRORS_CSV = (
-    "predictions.csv", "predictions.json", "submission.csv", "errors.csv",
+PREDICTIONS_CSV, PREDICTIONS_JSON, SUBMISSION_CSV, ERRORS_CSV, COCO_JSON = (
+    "predictions.csv", "predictions.json", "submission.csv", "errors.csv", "coco.json",
 )
 OVERLAY_DIR = "overlays"
-RESULT_FILES = (JOURNAL_FILE, RUN_FILE, PREDICTIONS_CSV, PREDICTIONS_JSON, SUBMISSION_CSV, ERRORS_CSV)
+RESULT_FILES = (JOURNAL_FILE, RUN_FILE, PREDICTIONS_CSV, PREDICTIONS_JSON, SUBMISSION_CSV, ERRORS_CSV, COCO_JSON)
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -233,6 +235,20 @@ class _Journal:
         tmp.write_text(json.dumps(list(self.predictions.values()), indent=2))
         os.replace(tmp, path)
 
+    def write_coco(self) -> None:
+        """The predicted boxes as a COCO dataset, one image per prediction (original pixels)."""
+        from lungopacity.io.coco import write_coco_dataset
+
+        predictions = [Prediction.from_dict(p) for p in self.predictions.values()]
+        write_coco_dataset(
+            self.out_dir / COCO_JSON,
+            [p.id for p in predictions],
+            [p.image_size for p in predictions],
+            [[[b.x1, b.y1, b.x2, b.y2] for b in p.boxes] for p in predictions],
+            [[b.score for b in p.boxes] for p in predictions],
+            file_names=[Path(source).name for source in self.predictions],
+        )
+
 
 def _submission_row(prediction: Prediction) -> dict[str, str]:
     boxes = [[b.x1, b.y1, b.x2, b.y2] for b in prediction.boxes]
@@ -302,6 +318,7 @@ def predict_to_folder(
     override: bool = False,
     batch_size: int = 16,
     with_images: bool = True,
+    coco: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
@@ -316,6 +333,7 @@ def predict_to_folder(
         override: given values replace a header's; by default they fill only what it lacks.
         batch_size: images per forward pass.
         with_images: write the overlay and heatmap pictures.
+        coco: also write the boxes as a COCO dataset (``coco.json``).
         overwrite: discard the results already in ``out_dir`` and start afresh.
         progress: ``progress(done, total)``, called once before the first batch and after each.
 
@@ -362,6 +380,8 @@ def predict_to_folder(
         if progress:
             progress(finished, total)
     journal.write_json()
+    if coco:
+        journal.write_coco()
     predictions = journal.predictions.values()
     result = BatchResult(out_dir, len(journal.predictions), len(journal.errors),
                          sum(bool(p.get("decision")) for p in predictions), n_skipped)
