@@ -166,6 +166,10 @@ def test_importing_the_service_loads_no_engine_module() -> None:
     assert result.stdout.strip() == ""
 
 
+def test_errors_raised_on_purpose_derive_from_the_error_base() -> None:
+    assert bare_raises(SRC) == []
+
+
 # ---------------------------------------------------------------- the checker itself
 
 

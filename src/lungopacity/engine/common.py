@@ -7,15 +7,16 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from lungopacity.devices import resolve_device
+from lungopacity.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def build_optimizer(
         return torch.optim.SGD(parameters, lr=lr or 0.045, momentum=0.9, weight_decay=weight_decay if weight_decay is not None else 4e-5)
     if recipe == "finetune":
         return torch.optim.AdamW(parameters, lr=lr or 1e-3, weight_decay=weight_decay if weight_decay is not None else 1e-4)
-    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
 def build_scheduler(
@@ -162,5 +163,5 @@ def build_scheduler(
             progress = (step - warmup) / max(total - warmup, 1)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     else:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

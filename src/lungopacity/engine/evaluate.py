@@ -38,6 +38,7 @@ from lungopacity.engine.classifier import (
 )
 from lungopacity.engine.common import Progress, resolve_device
 from lungopacity.engine.runs import ClassifierRun, load_classifier_run
+from lungopacity.errors import ConfigError
 from lungopacity.metrics.classification import (
     bootstrap_auc_ci,
     confusion_matrix,
@@ -172,10 +173,10 @@ def _single_split_training_ids(run: ClassifierRun, cache: PreparedCache, same_ca
 
 def _positions(cache: PreparedCache, split: str) -> np.ndarray:
     if split not in EVAL_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     positions = cache.indices(None if split == "all" else split)
     if len(positions) == 0:
-        raise ValueError(f"{cache.path}: no usable patients in split {split!r}")
+        raise ConfigError(f"{cache.path}: no usable patients in split {split!r}")
     return positions
 
 

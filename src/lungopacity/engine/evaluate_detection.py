@@ -35,15 +35,16 @@ import pandas as pd
 from lungopacity.data.cache import PreparedCache
 from lungopacity.engine.common import Progress, resolve_device
 from lungopacity.engine.detector import gt_boxes, load_detector_run, predict_boxes
+from lungopacity.errors import ConfigError
+from lungopacity.io.coco import write_coco_dataset, write_coco_results
+from lungopacity.io.errors import DataFormatError
+from lungopacity.io.submission import write_submission
 from lungopacity.postprocess import (
     PostprocessConfig,
     apply_postprocess_all,
     cross_fitted_rsna_map,
     tune_postprocess,
 )
-from lungopacity.io.errors import DataFormatError
-from lungopacity.io.coco import write_coco_dataset, write_coco_results
-from lungopacity.io.submission import write_submission
 from lungopacity.reports.detection import (
     case_sheet,
     detection_metrics,
@@ -163,7 +164,7 @@ def evaluate_detector(
     cache = PreparedCache(cache_dir)
     positions = cache.indices(None if split == "all" else split)
     if len(positions) == 0:
-        raise ValueError(f"{cache.path}: no prepared patients in split {split!r}")
+        raise ConfigError(f"{cache.path}: no prepared patients in split {split!r}")
     if run.cache.patients_hash and not run.cache.matches(cache):
         log.warning("%s: the detector was trained on another cache (%s); its val split may overlap this one's train",
                     cache.path, run.cache.path)

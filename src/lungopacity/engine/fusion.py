@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lungopacity.constants import LUNG_OPACITY
-from lungopacity.errors import ConfigError
+from lungopacity.errors import ConfigError, RunFolderError
 from lungopacity.io.rsna import METADATA_CSV, load_label_tables, read_metadata_csv, stratified_split
 from lungopacity.metrics.classification import roc_auc
 from lungopacity.models.fusion import (
@@ -82,46 +82,46 @@ def validate_oof(
     """
     absent = [c for c in OOF_COLUMNS if c not in oof_df.columns]
     if absent:
-        raise ValueError(f"out-of-fold table lacks columns {absent} (expected {list(OOF_COLUMNS)})")
+        raise ConfigError(f"out-of-fold table lacks columns {absent} (expected {list(OOF_COLUMNS)})")
     if oof_df.empty:
-        raise ValueError("out-of-fold table is empty")
+        raise ConfigError("out-of-fold table is empty")
     nan_counts = {c: int(oof_df[c].isna().sum()) for c in OOF_COLUMNS if oof_df[c].isna().any()}
     if nan_counts:
-        raise ValueError(f"out-of-fold table has NaN values: {nan_counts}")
+        raise ConfigError(f"out-of-fold table has NaN values: {nan_counts}")
     ids = oof_df["patientId"].astype(str)
     duplicated = ids[ids.duplicated()].unique()
     if len(duplicated):
-        raise ValueError(
+        raise ConfigError(
             f"out-of-fold table has {len(duplicated)} duplicate patients (each must appear exactly once): "
             f"{_examples(duplicated)}"
         )
     probabilities = oof_df[list(PROBABILITY_FEATURES)].to_numpy(dtype=np.float64)
     if not np.isfinite(probabilities).all():
-        raise ValueError("out-of-fold table has non-finite probabilities")
+        raise ConfigError("out-of-fold table has non-finite probabilities")
     if (probabilities < -1e-6).any() or (probabilities > 1 + 1e-6).any():
         bad = ids[((probabilities < -1e-6) | (probabilities > 1 + 1e-6)).any(axis=1)]
-        raise ValueError(f"out-of-fold probabilities outside [0, 1] for {len(bad)} patients: {_examples(bad)}")
+        raise ConfigError(f"out-of-fold probabilities outside [0, 1] for {len(bad)} patients: {_examples(bad)}")
     sums = probabilities.sum(axis=1)
     off = np.abs(sums - 1.0) > atol
     if off.any():
         worst = int(np.argmax(np.abs(sums - 1.0)))
-        raise ValueError(
+        raise ConfigError(
             f"out-of-fold probabilities do not sum to 1 (tolerance {atol}) for {int(off.sum())} patients, "
             f"e.g. {ids.iloc[worst]} sums to {sums[worst]:.6f}: {_examples(ids[off])}"
         )
     classes = oof_df["class"].to_numpy()
     targets = oof_df["Target"].to_numpy()
     if not np.isin(classes, (0, 1, 2)).all():
-        raise ValueError(f"out-of-fold class must be 0, 1 or 2; found {sorted(set(classes.tolist()) - {0, 1, 2})}")
+        raise ConfigError(f"out-of-fold class must be 0, 1 or 2; found {sorted(set(classes.tolist()) - {0, 1, 2})}")
     if not np.isin(targets, (0, 1)).all():
-        raise ValueError(f"out-of-fold Target must be 0 or 1; found {sorted(set(targets.tolist()) - {0, 1})}")
+        raise ConfigError(f"out-of-fold Target must be 0 or 1; found {sorted(set(targets.tolist()) - {0, 1})}")
     disagree = (classes == LUNG_OPACITY) != (targets == 1)
     if disagree.any():
-        raise ValueError(f"out-of-fold class and Target disagree for {int(disagree.sum())} patients: "
+        raise ConfigError(f"out-of-fold class and Target disagree for {int(disagree.sum())} patients: "
                          f"{_examples(ids[disagree])}")
     folds = oof_df["fold"].to_numpy(dtype=np.float64)
     if (folds < 0).any() or (folds % 1 != 0).any():
-        raise ValueError("out-of-fold fold must be a non-negative integer")
+        raise ConfigError("out-of-fold fold must be a non-negative integer")
     if patients is None:
         return
     if isinstance(patients, pd.DataFrame):
@@ -132,19 +132,19 @@ def validate_oof(
     missing = sorted(expected - present)
     extra = sorted(present - expected)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"out-of-fold table misses {len(missing)} of the {len(expected)} patients of the data table: "
             f"{_examples(missing)}"
         )
     if extra:
-        raise ValueError(
+        raise ConfigError(
             f"out-of-fold table holds {len(extra)} patients absent from the data table: {_examples(extra)}"
         )
     if isinstance(patients, pd.DataFrame) and "Target" in patients.columns:
         table_target = pd.Series(patients["Target"].to_numpy(), index=table_ids)
         mismatch = table_target.reindex(ids).to_numpy() != targets
         if mismatch.any():
-            raise ValueError(f"out-of-fold Target differs from the data table for {int(mismatch.sum())} patients: "
+            raise ConfigError(f"out-of-fold Target differs from the data table for {int(mismatch.sum())} patients: "
                              f"{_examples(ids[mismatch])}")
 
 
@@ -161,12 +161,12 @@ def build_fusion_table(features_df: pd.DataFrame, oof_df: pd.DataFrame | None = 
     """
     absent = [c for c in TABLE_COLUMNS if c not in features_df.columns]
     if absent:
-        raise ValueError(f"fusion data table lacks columns {absent} (needs {list(TABLE_COLUMNS)})")
+        raise ConfigError(f"fusion data table lacks columns {absent} (needs {list(TABLE_COLUMNS)})")
     ids = features_df["patientId"].astype(str)
     if ids.duplicated().any():
-        raise ValueError(f"fusion data table has duplicate patients: {_examples(ids[ids.duplicated()].unique())}")
+        raise ConfigError(f"fusion data table has duplicate patients: {_examples(ids[ids.duplicated()].unique())}")
     if not features_df["Target"].isin((0, 1)).all():
-        raise ValueError("fusion data table: Target must be 0 or 1 for every patient")
+        raise ConfigError("fusion data table: Target must be 0 or 1 for every patient")
     keep = ["sex", "age", "view", "Target"] + (["class"] if "class" in features_df.columns else [])
     table = features_df[keep].copy()
     table.insert(0, "patientId", ids.to_numpy())
@@ -371,23 +371,23 @@ def train_fusion(
     max_epochs, patience, lr, weight_decay = config.max_epochs, config.patience, config.lr, config.weight_decay
     hidden, dropout, batch_size, monitor = config.hidden, config.dropout, config.batch_size, config.monitor
     if use_probabilities and oof_df is None:
-        raise ValueError("the fusion network needs the classifier's out-of-fold table (oof_df); "
+        raise ConfigError("the fusion network needs the classifier's out-of-fold table (oof_df); "
                          "pass use_probabilities=False for the metadata-only network")
     table = build_fusion_table(features_df, oof_df if use_probabilities else None)
     labels = table["Target"].to_numpy(dtype=np.int64)
     if labels.min() == labels.max():
-        raise ValueError("training the fusion network needs patients with and without opacity")
+        raise ConfigError("training the fusion network needs patients with and without opacity")
 
     encoder = FeatureEncoder.for_mode(use_probabilities).fit(table)
     matrix, _ = encoder.encode(table)
     is_val = _validation_mask(table, val_fraction, seed)
     if is_val.all() or not is_val.any():
-        raise ValueError(f"{len(table)} rows are too few to hold out {val_fraction:.0%} for early stopping")
+        raise ConfigError(f"{len(table)} rows are too few to hold out {val_fraction:.0%} for early stopping")
     x_fit, y_fit = torch.from_numpy(matrix[~is_val]), torch.from_numpy(labels[~is_val].astype(np.float32))
     x_val, y_val_np = torch.from_numpy(matrix[is_val]), labels[is_val]
     y_val = torch.from_numpy(y_val_np.astype(np.float32))
     if monitor == "auc" and y_val_np.min() == y_val_np.max():
-        raise ValueError("monitor='auc' needs both classes in the validation part; use more rows or monitor='loss'")
+        raise ConfigError("monitor='auc' needs both classes in the validation part; use more rows or monitor='loss'")
 
     # A private RNG stream: training is reproducible without touching the caller's global seed.
     with torch.random.fork_rng(devices=[]), _single_intra_op_thread():
@@ -524,7 +524,7 @@ def cross_fit_scores(
     table = build_fusion_table(features_df, oof_df)
     folds = sorted(table["fold"].unique().tolist())
     if len(folds) < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds in the out-of-fold table, found {folds}")
+        raise ConfigError(f"cross-fitting needs at least 2 folds in the out-of-fold table, found {folds}")
     out = table[["patientId", "fold", "class", "Target"]].copy()
     metadata_column, image_column, fusion_column = (
         SCORE_COLUMNS["metadata-only"], SCORE_COLUMNS["image-only"], SCORE_COLUMNS["fusion"]
@@ -572,10 +572,10 @@ def train_fusion_run(
     from lungopacity.reports.fusion import fusion_comparison_report
 
     if (cache_dir is None) == (data_dir is None):
-        raise ValueError("give exactly one of cache_dir (a prepared cache) or data_dir (an RSNA folder)")
+        raise ConfigError("give exactly one of cache_dir (a prepared cache) or data_dir (an RSNA folder)")
     oof_path = Path(oof_csv)
     if not oof_path.exists():
-        raise FileNotFoundError(f"{oof_path}: out-of-fold table not found (train the classifier with --folds K)")
+        raise RunFolderError(oof_path, "out-of-fold table not found (train the classifier with --folds K)")
     oof = pd.read_csv(oof_path, dtype={"patientId": str})
     if cache_dir is not None:
         from lungopacity.data.cache import PreparedCache

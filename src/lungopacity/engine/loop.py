@@ -77,7 +77,7 @@ from lungopacity.engine.common import (
     epoch_seed,
 )
 from lungopacity.engine.tensorboard import TensorBoardLog
-from lungopacity.errors import CheckpointError, TrainingDivergedError
+from lungopacity.errors import CheckpointError, ConfigError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class EpochLoop:
         progress: Progress,
     ) -> None:
         if settings.select not in ("best", "last"):
-            raise ValueError(f"select must be best or last, got {settings.select!r}")
+            raise ConfigError(f"select must be best or last, got {settings.select!r}")
         self.task, self.settings, self.files = task, settings, files
         self.device, self.context, self.progress = device, context, progress
         self.seed_stream = files.fold if files.fold is not None else 0
@@ -257,7 +257,7 @@ class EpochLoop:
         self.dataset = task.train_dataset
         n = len(self.dataset)  # type: ignore[arg-type]
         if n == 0:
-            raise ValueError(f"{task.label}: no training samples")
+            raise ConfigError(f"{task.label}: no training samples")
         self.batch_size = max(1, min(settings.batch_size, n // context.world_size))
         steps = max(n // (self.batch_size * context.world_size), 1)
         if settings.max_steps_per_epoch:

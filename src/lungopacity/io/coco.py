@@ -34,6 +34,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY
+from lungopacity.errors import ConfigError
 from lungopacity.io.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def image_ids(patient_ids: Sequence[str]) -> dict[str, int]:
     for pid in patient_ids:
         pid = str(pid)
         if pid in ids:
-            raise ValueError(f"patient {pid} appears twice")
+            raise ConfigError(f"patient {pid} appears twice")
         ids[pid] = len(ids) + 1
     return ids
 
@@ -116,12 +117,12 @@ def coco_dataset(
     ids = [str(p) for p in patient_ids]
     n = len(ids)
     if len(sizes) != n or len(boxes_list) != n or (scores_list is not None and len(scores_list) != n):
-        raise ValueError(
+        raise ConfigError(
             f"{n} patients but {len(sizes)} sizes, {len(boxes_list)} box lists"
             + ("" if scores_list is None else f" and {len(scores_list)} score lists")
         )
     if file_names is not None and len(file_names) != n:
-        raise ValueError(f"{n} patients but {len(file_names)} file names")
+        raise ConfigError(f"{n} patients but {len(file_names)} file names")
     numbering = image_ids(ids)
     images, annotations = [], []
     for k, pid in enumerate(ids):
@@ -181,12 +182,12 @@ def coco_results(
     """
     ids = [str(p) for p in patient_ids]
     if not (len(ids) == len(boxes_list) == len(scores_list)):
-        raise ValueError(f"{len(ids)} patients, {len(boxes_list)} box lists and {len(scores_list)} score lists")
+        raise ConfigError(f"{len(ids)} patients, {len(boxes_list)} box lists and {len(scores_list)} score lists")
     numbering = image_ids(ids) if numbering is None else numbering
     results = []
     for pid, boxes_in, scores_in in zip(ids, boxes_list, scores_list):
         if pid not in numbering:
-            raise ValueError(f"patient {pid} is not among the dataset's images")
+            raise ConfigError(f"patient {pid} is not among the dataset's images")
         boxes = _xyxy(boxes_in, pid)
         scores = _scores(scores_in, len(boxes), pid)
         for box, score in zip(boxes, scores):

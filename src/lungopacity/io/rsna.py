@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY, RSNA_IMAGE_SIZE
+from lungopacity.errors import ConfigError
 from lungopacity.io.dicom import parse_age, parse_sex, parse_view, read_dicom_header
 from lungopacity.io.errors import DataFormatError, ImageReadError
 from lungopacity.io.images import IMAGE_EXTENSIONS, original_size
@@ -208,7 +209,7 @@ def boxes_per_patient(rows: pd.DataFrame, patient_ids: Iterable[str]) -> list[np
     # group per patient (7 s on the 26,684 official patients, BENCHMARKS.md).
     index = pd.Index(list(patient_ids), dtype=object)
     if not index.is_unique:
-        raise ValueError("boxes_per_patient needs unique patient ids")
+        raise ConfigError("boxes_per_patient needs unique patient ids")
     positive = rows["Target"].to_numpy() == 1
     codes = index.get_indexer(rows["patientId"].to_numpy()[positive])
     xyxy = xywh_rows_to_xyxy(rows[positive])
@@ -471,9 +472,9 @@ def stratified_split(
 ) -> pd.Series:
     """Patient-level train/val assignment, stratified, seeded; index = patientId."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     if table["patientId"].duplicated().any():
-        raise ValueError("the table has duplicate patientIds: split patients, not rows")
+        raise ConfigError("the table has duplicate patientIds: split patients, not rows")
     split = {}
     for ids in _stratified_order(table, stratify_col, seed).values():
         n_val = int(round(len(ids) * val_fraction))
@@ -485,9 +486,9 @@ def stratified_split(
 def assign_folds(table: pd.DataFrame, k: int = 5, seed: int = 0, stratify_col: str = "class") -> pd.Series:
     """Patient-level k-fold assignment (0..k-1), stratified, seeded; index = patientId."""
     if k < 2:
-        raise ValueError(f"k-fold needs k >= 2, got {k}")
+        raise ConfigError(f"k-fold needs k >= 2, got {k}")
     if table["patientId"].duplicated().any():
-        raise ValueError("the table has duplicate patientIds: split patients, not rows")
+        raise ConfigError("the table has duplicate patientIds: split patients, not rows")
     fold = {}
     offset = 0
     for ids in _stratified_order(table, stratify_col, seed).values():

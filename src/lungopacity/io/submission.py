@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from lungopacity.errors import ConfigError
 from lungopacity.io.errors import DataFormatError
 from lungopacity.io.rsna import (
     CLASS_INFO_CSV,
@@ -68,12 +69,12 @@ def format_prediction_string(boxes: ArrayLike | None, scores: ArrayLike | None, 
     array = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     confidences = np.zeros(0) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(array) != len(confidences):
-        raise ValueError(f"{len(array)} boxes but {len(confidences)} scores")
+        raise ConfigError(f"{len(array)} boxes but {len(confidences)} scores")
     if not (np.all(np.isfinite(array)) and np.all(np.isfinite(confidences))):
-        raise ValueError("boxes and scores must be finite")
+        raise ConfigError("boxes and scores must be finite")
     widths, heights = array[:, 2] - array[:, 0], array[:, 3] - array[:, 1]
     if np.any(widths < 0) or np.any(heights < 0):
-        raise ValueError("boxes must be xyxy with x1 <= x2 and y1 <= y2")
+        raise ConfigError("boxes must be xyxy with x1 <= x2 and y1 <= y2")
     parts = []
     for (x1, y1, _, _), w, h, c in zip(array, widths, heights, confidences):
         parts.append(" ".join(_format_number(v, decimals) for v in (c, x1, y1, w, h)))
@@ -89,7 +90,7 @@ def parse_prediction_string(text: str) -> tuple[np.ndarray, np.ndarray]:
     """
     tokens = text.split()
     if len(tokens) % 5:
-        raise ValueError(
+        raise ConfigError(
             f"{len(tokens)} values; a prediction string holds groups of 5 (confidence x y width height)"
         )
     values = np.empty(len(tokens), dtype=np.float64)
@@ -97,13 +98,13 @@ def parse_prediction_string(text: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             values[k] = float(token)
         except ValueError:
-            raise ValueError(f"value {k + 1} ({token!r}) is not a number") from None
+            raise ConfigError(f"value {k + 1} ({token!r}) is not a number") from None
         if not math.isfinite(values[k]):
-            raise ValueError(f"value {k + 1} ({token!r}) is not finite")
+            raise ConfigError(f"value {k + 1} ({token!r}) is not finite")
     groups = values.reshape(-1, 5)
     bad = np.flatnonzero((groups[:, 3] < 0) | (groups[:, 4] < 0))
     if bad.size:
-        raise ValueError(f"box {bad[0] + 1} has a negative width or height")
+        raise ConfigError(f"box {bad[0] + 1} has a negative width or height")
     boxes = groups[:, 1:].copy()
     boxes[:, 2] += boxes[:, 0]
     boxes[:, 3] += boxes[:, 1]
@@ -186,11 +187,11 @@ def write_submission(
     """
     ids = [str(i) for i in ids]
     if not (len(ids) == len(boxes_list) == len(scores_list)):
-        raise ValueError(f"{len(ids)} ids, {len(boxes_list)} box lists and {len(scores_list)} score lists")
+        raise ConfigError(f"{len(ids)} ids, {len(boxes_list)} box lists and {len(scores_list)} score lists")
     seen: set[str] = set()
     for pid in ids:
         if pid in seen:
-            raise ValueError(f"patient {pid} appears twice")
+            raise ConfigError(f"patient {pid} appears twice")
         seen.add(pid)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def write_submission(
             try:
                 writer.writerow([pid, format_prediction_string(boxes, scores, decimals)])
             except ValueError as exc:
-                raise ValueError(f"patient {pid}: {exc}") from None
+                raise ConfigError(f"patient {pid}: {exc}") from None
     tmp.replace(path)
     log.info("wrote submission %s (%d patients, %d boxes)", path, len(ids),
              sum(0 if b is None else len(np.asarray(b).reshape(-1, 4)) for b in boxes_list))

@@ -30,7 +30,10 @@ import torch
 from torch import nn
 
 from lungopacity.constants import CLASS_NAMES
-from lungopacity.errors import PretrainedWeightsError  # noqa: F401  (raised by the factories; importable here)
+from lungopacity.errors import (
+    ConfigError,
+    PretrainedWeightsError,  # noqa: F401  (raised by the factories; importable here)
+)
 from lungopacity.models import pretrained as pretrained_weights
 
 logger = logging.getLogger(__name__)
@@ -51,13 +54,13 @@ def _class_names(num_classes: int) -> list[str]:
 
 def _check_arguments(backbone: str, num_classes: int, in_chans: int, drop_rate: float) -> None:
     if not timm.is_model(backbone):
-        raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        raise ConfigError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        raise ConfigError(f"in_chans must be >= 1, got {in_chans}")
     if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
 
 
 def _timm_model(
@@ -163,7 +166,7 @@ class OpacityClassifier(nn.Module):
         mean_values = pretrained_weights.channel_stats(mean, self.in_chans)
         std_values = pretrained_weights.channel_stats(std, self.in_chans)
         if any(value <= 0 for value in std_values):
-            raise ValueError(f"std must be positive, got {std_values}")
+            raise ConfigError(f"std must be positive, got {std_values}")
         self.pretrained_cfg["mean"] = mean_values
         self.pretrained_cfg["std"] = std_values
         with torch.no_grad():
@@ -173,9 +176,9 @@ class OpacityClassifier(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` for a ``(B, in_chans, H, W)`` float batch in [0, 1]."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a (B, {self.in_chans}, H, W) batch, got shape {tuple(x.shape)}")
+            raise ConfigError(f"expected a (B, {self.in_chans}, H, W) batch, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise ValueError(f"expected float pixels in [0, 1], got dtype {x.dtype}")
+            raise ConfigError(f"expected float pixels in [0, 1], got dtype {x.dtype}")
         return (x - self.pixel_mean) / self.pixel_std
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,7 @@ class OpacityClassifier(nn.Module):
         for name, output in reversed(outputs):
             if output.shape == features.shape:
                 return name
-        raise ValueError(
+        raise ConfigError(
             f"{self.backbone}: no module outputs the final feature map {tuple(features.shape)}; "
             "Grad-CAM needs a convolutional backbone"
         )
@@ -321,7 +324,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
     """
     for key in ("backbone", "num_classes", "in_chans"):
         if key not in config:
-            raise ValueError(f"classifier config lacks {key!r}: {dict(config)}")
+            raise ConfigError(f"classifier config lacks {key!r}: {dict(config)}")
     model = create_classifier(
         backbone=str(config["backbone"]),
         pretrained=pretrained_weights.PRETRAINED_NONE,
@@ -335,7 +338,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
         if key in config:
             cfg[key] = copy.deepcopy(config[key])
     if len(cfg["class_names"]) != model.num_classes:
-        raise ValueError(f"config has {len(cfg['class_names'])} class names for {model.num_classes} classes")
+        raise ConfigError(f"config has {len(cfg['class_names'])} class names for {model.num_classes} classes")
     model.set_normalization(config.get("mean", cfg["mean"]), config.get("std", cfg["std"]))
     return model
 

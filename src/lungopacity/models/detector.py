@@ -47,6 +47,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from lungopacity.constants import RSNA_IMAGE_SIZE
+from lungopacity.errors import ConfigError
 from lungopacity.models import pretrained as pretrained_weights
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def fit_anchor_shapes(
     """
     boxes = np.asarray(boxes_wh, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 2:
-        raise ValueError(f"boxes_wh must have shape (N, 2), got {boxes.shape}")
+        raise ConfigError(f"boxes_wh must have shape (N, 2), got {boxes.shape}")
     if not np.all(np.isfinite(boxes)) or np.any(boxes <= 0):
-        raise ValueError("boxes_wh must hold finite positive widths and heights")
+        raise ConfigError("boxes_wh must hold finite positive widths and heights")
     if not 1 <= k <= len(boxes):
-        raise ValueError(f"k must be between 1 and the number of boxes ({len(boxes)}), got {k}")
+        raise ConfigError(f"k must be between 1 and the number of boxes ({len(boxes)}), got {k}")
     rng = np.random.default_rng(seed)
     centres = [boxes[rng.integers(len(boxes))]]
     while len(centres) < k:
@@ -182,9 +183,9 @@ def anchor_parameters_from_shapes(
     """
     shapes = np.asarray(shapes_wh, dtype=np.float64).reshape(-1, 2)
     if len(shapes) == 0 or np.any(shapes <= 0):
-        raise ValueError("shapes_wh must hold at least one positive (width, height)")
+        raise ConfigError("shapes_wh must hold at least one positive (width, height)")
     if num_ratios < 1:
-        raise ValueError(f"num_ratios must be >= 1, got {num_ratios}")
+        raise ConfigError(f"num_ratios must be >= 1, got {num_ratios}")
     log_ratios = np.log(shapes[:, 1] / shapes[:, 0])
     distinct = np.unique(np.round(np.exp(log_ratios), 2))
     if len(distinct) <= num_ratios:
@@ -308,17 +309,17 @@ class OpacityDetector(nn.Module):
         super().__init__()
         _check_arch(arch)
         if image_size < 32:
-            raise ValueError(f"image_size must be at least 32 px, got {image_size}")
+            raise ConfigError(f"image_size must be at least 32 px, got {image_size}")
         if len(anchor_sizes) != NUM_PYRAMID_LEVELS[arch]:
-            raise ValueError(
+            raise ConfigError(
                 f"{arch} has {NUM_PYRAMID_LEVELS[arch]} pyramid levels; got {len(anchor_sizes)} anchor sizes"
             )
         if not aspect_ratios or any(r <= 0 for r in aspect_ratios) or any(s <= 0 for s in anchor_sizes):
-            raise ValueError("anchor sizes and aspect ratios must be positive and non-empty")
+            raise ConfigError("anchor sizes and aspect ratios must be positive and non-empty")
         if not 0.0 <= score_thresh <= 1.0 or not 0.0 < nms_thresh <= 1.0 or detections_per_img < 1:
-            raise ValueError("score_thresh in [0, 1], nms_thresh in (0, 1] and detections_per_img >= 1 required")
+            raise ConfigError("score_thresh in [0, 1], nms_thresh in (0, 1] and detections_per_img >= 1 required")
         if fpn_channels < 8:
-            raise ValueError(f"fpn_channels must be >= 8, got {fpn_channels}")
+            raise ConfigError(f"fpn_channels must be >= 8, got {fpn_channels}")
         self._settings: dict[str, Any] = {
             "arch": arch,
             "backbone": backbone,
@@ -410,7 +411,7 @@ class OpacityDetector(nn.Module):
         if trainable_layers is None:
             return []
         if not 0 <= trainable_layers <= num_levels:
-            raise ValueError(f"trainable_layers must be in 0..{num_levels} (or None for all), got {trainable_layers}")
+            raise ConfigError(f"trainable_layers must be in 0..{num_levels} (or None for all), got {trainable_layers}")
         first_trainable = num_levels - trainable_layers
         levels = _module_levels(body)
         frozen = [name for name, level in levels.items() if name and level < first_trainable]
@@ -439,14 +440,14 @@ class OpacityDetector(nn.Module):
     def _as_image_list(images: Sequence[Tensor] | Tensor) -> list[Tensor]:
         if isinstance(images, Tensor):
             if images.ndim != 4:
-                raise ValueError(f"a batch tensor must be (B, 1, H, W), got {tuple(images.shape)}")
+                raise ConfigError(f"a batch tensor must be (B, 1, H, W), got {tuple(images.shape)}")
             images = list(images.unbind(0))
         image_list = list(images)
         if not image_list:
-            raise ValueError("no images")
+            raise ConfigError("no images")
         for image in image_list:
             if image.ndim != 3 or image.shape[0] != 1 or not image.is_floating_point():
-                raise ValueError(
+                raise ConfigError(
                     f"images must be float (1, H, W) tensors in [0, 1], got {image.dtype} {tuple(image.shape)}"
                 )
         return image_list
@@ -455,15 +456,15 @@ class OpacityDetector(nn.Module):
         self, targets: Sequence[Mapping[str, Tensor]], count: int, device: torch.device
     ) -> list[dict[str, Tensor]]:
         if len(targets) != count:
-            raise ValueError(f"{count} images but {len(targets)} targets")
+            raise ConfigError(f"{count} images but {len(targets)} targets")
         converted = []
         for target in targets:
             boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
             labels = torch.as_tensor(target["labels"], dtype=torch.int64, device=device).reshape(-1)
             if len(labels) != len(boxes):
-                raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+                raise ConfigError(f"{len(boxes)} boxes but {len(labels)} labels")
             if bool((labels != OPACITY_LABEL).any()):
-                raise ValueError(f"labels must all be {OPACITY_LABEL} (opacity), got {labels.unique().tolist()}")
+                raise ConfigError(f"labels must all be {OPACITY_LABEL} (opacity), got {labels.unique().tolist()}")
             converted.append({"boxes": boxes, "labels": labels - self._label_offset})
         return converted
 
@@ -489,7 +490,7 @@ class OpacityDetector(nn.Module):
         image_list = self._as_image_list(images)
         if self.training:
             if targets is None:
-                raise ValueError("training mode needs targets")
+                raise ConfigError("training mode needs targets")
             return self.model(image_list, self._model_targets(targets, len(image_list), image_list[0].device))
         detections = self.model(image_list)
         return [
@@ -511,7 +512,7 @@ def _json_copy(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_arch(arch: str) -> None:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+        raise ConfigError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
 
 
 def create_detector(
@@ -567,7 +568,7 @@ def create_detector(
     """
     _check_arch(arch)
     if not timm.is_model(backbone):
-        raise ValueError(f"unknown timm backbone {backbone!r}")
+        raise ConfigError(f"unknown timm backbone {backbone!r}")
     found = pretrained_weights.resolve_pretrained(pretrained, backbone)
     image_mean = pretrained_weights.channel_stats(found.pretrained_cfg.get("mean", (0.5,)), 1)[0]
     image_std = pretrained_weights.channel_stats(found.pretrained_cfg.get("std", (0.5,)), 1)[0]
@@ -605,11 +606,11 @@ def detector_from_config(cfg: Mapping[str, Any]) -> OpacityDetector:
     """
     settings = dict(cfg)
     if settings.pop("format", CONFIG_FORMAT) != CONFIG_FORMAT:
-        raise ValueError(f"not a detector config (format {cfg.get('format')!r})")
+        raise ConfigError(f"not a detector config (format {cfg.get('format')!r})")
     version = settings.pop("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
-        raise ValueError(f"detector config version {version} is not supported (expected {CONFIG_VERSION})")
+        raise ConfigError(f"detector config version {version} is not supported (expected {CONFIG_VERSION})")
     try:
         return OpacityDetector(**settings)
     except TypeError as error:
-        raise ValueError(f"bad detector config: {error}") from error
+        raise ConfigError(f"bad detector config: {error}") from error

@@ -217,7 +217,7 @@ def channel_stats(values: Sequence[float], in_chans: int) -> list[float]:
     """
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("empty normalisation statistics")
+        raise ConfigError("empty normalisation statistics")
     if len(values) == in_chans:
         return values
     if len(values) == 1:
@@ -515,7 +515,7 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     ``(g, g, g)``. A grey stem given to an RGB model is repeated and scaled by timm.
     """
     if weight.ndim != 4:
-        raise ValueError(f"a stem conv weight is 4-D, got shape {tuple(weight.shape)}")
+        raise ConfigError(f"a stem conv weight is 4-D, got shape {tuple(weight.shape)}")
     have = weight.shape[1]
     if have == in_chans:
         return weight

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from lungopacity.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -25,7 +27,7 @@ class UploadSlots:
 
     def __init__(self, max_uploads: int) -> None:
         if max_uploads < 1:
-            raise ValueError("max_uploads must be >= 1")
+            raise ConfigError("max_uploads must be >= 1")
         self.max_uploads = max_uploads
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -66,7 +68,7 @@ class InferenceGate:
 
     def __init__(self, max_concurrent: int, max_queue: int, on_inference: Callable[[float], None] | None = None) -> None:
         if max_concurrent < 1 or max_queue < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+            raise ConfigError("max_concurrent must be >= 1 and max_queue >= 0")
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.on_inference = on_inference

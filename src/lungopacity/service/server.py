@@ -33,6 +33,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from lungopacity.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,9 +49,9 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         if not (self.header_timeout > 0 and self.body_timeout > 0 and self.keep_alive_timeout >= 1):
-            raise ValueError("server timeouts must be positive (keep-alive at least 1 s)")
+            raise ConfigError("server timeouts must be positive (keep-alive at least 1 s)")
         if self.max_header_bytes < 1024:
-            raise ValueError("max_header_bytes must be at least 1024")
+            raise ConfigError("max_header_bytes must be at least 1024")
 
 
 def _raw_error(status: str, code: str, message: str) -> bytes:

@@ -29,6 +29,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from lungopacity.constants import SEXES, VIEWS
+from lungopacity.errors import ConfigError
 from lungopacity.inference import sniff_format
 from lungopacity.service.errors import CLOSE, ApiError
 from lungopacity.service.schemas import UploadInfo
@@ -85,7 +86,7 @@ class UploadTimeouts:
 
     def __post_init__(self) -> None:
         if not (self.total > 0 and self.stall > 0 and self.min_progress_bytes >= 0):
-            raise ValueError("upload timeouts must be positive")
+            raise ConfigError("upload timeouts must be positive")
 
 
 class _DeadlineReader:
