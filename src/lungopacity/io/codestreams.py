@@ -132,27 +132,61 @@ def _jpeg_min_bytes(marker: int, rows: int, cols: int, sampling: list[int]) -> i
 
 
 def j2k_info(data: bytes | memoryview, *, search_limit: int = 1 << 20) -> CodestreamInfo:
-    """The image and component sizes (SIZ) of a JPEG 2000 codestream or JP2 file."""
-    buf = bytes(data[:search_limit])
-    start = 0 if buf.startswith(_J2K_SOC_SIZ) else buf.find(_J2K_SOC_SIZ)
+    """The image and component sizes (SIZ) of a JPEG 2000 codestream or JP2 file.
+
+    ``complete`` is False when the codestream lacks its EOC marker or holds tile-parts for
+    fewer tiles than SIZ declares (every tile has at least one tile-part, ISO 15444-1
+    A.4.2): decoders would fill the missing tiles with zeros.
+    """
+    buf = bytes(data)
+    start = 0 if buf.startswith(_J2K_SOC_SIZ) else buf.find(_J2K_SOC_SIZ, 0, search_limit)
     if start < 0:
         raise CodestreamError("not a JPEG 2000 codestream (no SOC/SIZ markers)")
     siz = start + 4
     if len(buf) < siz + 40:
         raise CodestreamError("JPEG 2000 SIZ segment is truncated")
-    (lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz, _xt, _yt, _xto, _yto, csiz) = struct.unpack(
+    (lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, csiz) = struct.unpack(
         ">HHIIIIIIIIH", buf[siz : siz + 38]
     )
     if csiz < 1 or lsiz != 38 + 3 * csiz or len(buf) < siz + 38 + 3 * csiz:
         raise CodestreamError(f"JPEG 2000 SIZ segment is malformed (Lsiz {lsiz}, Csiz {csiz})")
     if xsiz <= xosiz or ysiz <= yosiz:
         raise CodestreamError("JPEG 2000 image has no area (offsets beyond its size)")
+    if xtsiz == 0 or ytsiz == 0 or xtosiz > xosiz or ytosiz > yosiz:
+        raise CodestreamError(f"JPEG 2000 tile grid is malformed (tiles {xtsiz}x{ytsiz})")
     ssiz = buf[siz + 38]
     precision = (ssiz & 0x7F) + 1
+    tiles = _ceil_div(xsiz - xtosiz, xtsiz) * _ceil_div(ysiz - ytosiz, ytsiz)
+    present = _j2k_tiles_present(buf, siz + lsiz)
     # EOC (FFD9) cannot occur inside JPEG 2000 packet data, so its absence means truncation.
-    complete = bytes(data).rfind(b"\xff\xd9") > siz
+    complete = buf.rfind(b"\xff\xd9") > siz and present >= tiles
     return CodestreamInfo("jpeg2000", int(ysiz - yosiz), int(xsiz - xosiz), int(csiz), int(precision), bool(ssiz & 0x80),
                           complete=complete)
+
+
+def _j2k_tiles_present(buf: bytes, pos: int) -> int:
+    """Distinct tile indices among the tile-parts (SOT segments) after the main header."""
+    seen: set[int] = set()
+    for _ in range(1 << 17):
+        if pos + 4 > len(buf) or buf[pos] != 0xFF:
+            break
+        marker = buf[pos + 1]
+        if marker == 0xD9:  # EOC
+            break
+        if marker == 0x90:  # SOT: Lsot, Isot, Psot, TPsot, TNsot
+            if pos + 12 > len(buf):
+                break
+            _lsot, isot, psot = struct.unpack(">HHI", buf[pos + 2 : pos + 10])
+            seen.add(isot)
+            if psot == 0 or psot < 14:
+                break  # the last tile-part runs to EOC (or a malformed length ends the walk)
+            pos += psot
+            continue
+        (length,) = struct.unpack(">H", buf[pos + 2 : pos + 4])
+        if length < 2:
+            break
+        pos += 2 + length
+    return len(seen)
 
 
 def rle_segments(frame: bytes | memoryview) -> list[memoryview]:

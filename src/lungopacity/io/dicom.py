@@ -40,7 +40,6 @@ from lungopacity.errors import ConfigError
 from lungopacity.io.dicom_pixels import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     ENCAPSULATED_SYNTAXES,
-    IMAGECODECS_HINT,
     JPEG_BASELINE,
     NATIVE_SYNTAXES,
     PixelGeometry,
@@ -266,22 +265,24 @@ def _declared_pixel_bytes(ds: Any, name: str, max_pixels: int) -> int:
     return (rows * cols * frames * max(samples, 1) * max(bits, 1) + 7) // 8
 
 
-def _inflate(data: bytes, start: int, name: str, max_pixels: int, header_only: bool) -> tuple[Any, io.BytesIO, int]:
+def _inflate(data: bytes, start: int, name: str, max_pixels: int, header_only: bool) -> tuple[Any, memoryview, int]:
     """Inflate a Deflated Explicit VR Little Endian body, never beyond what its header declares.
 
     The header is inflated first (at most :data:`HEADER_ALLOWANCE_BYTES`) and parsed;
-    the declared image is checked against ``max_pixels``; the rest is inflated only up
-    to the declared pixel bytes plus 1 MiB. A stream that inflates further is a bomb and
-    is refused.
+    the declared image is checked against ``max_pixels``; the rest is inflated into one
+    buffer of exactly the declared pixel bytes plus 1 MiB. A stream that inflates further
+    is a bomb and is refused. Returns the header Dataset, the inflated bytes and the
+    offset of Pixel Data in them.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     source = memoryview(data)[start:]
-    out = io.BytesIO()
     consumed = 0
 
-    def pump(target: int) -> None:
+    def pieces(limit: int) -> Any:
+        """Inflated chunks until ``limit`` more bytes were produced or the stream ends."""
         nonlocal consumed
-        while out.tell() < target and not inflater.eof:
+        produced = 0
+        while produced < limit and not inflater.eof:
             if inflater.unconsumed_tail:
                 chunk: bytes | memoryview = inflater.unconsumed_tail
             elif consumed < len(source):
@@ -289,35 +290,45 @@ def _inflate(data: bytes, start: int, name: str, max_pixels: int, header_only: b
                 consumed += len(chunk)
             else:
                 return  # the stream ends early: the pixel-length check reports it
-            out.write(inflater.decompress(chunk, max(1, min(4 * _INFLATE_CHUNK, target - out.tell()))))
+            piece = inflater.decompress(chunk, max(1, min(4 * _INFLATE_CHUNK, limit - produced)))
+            produced += len(piece)
+            yield piece
 
     try:
+        head = io.BytesIO()
         target, ds, offset = 1 << 18, None, 0
         while True:
-            pump(target)
-            length = out.tell()
-            out.seek(0)
+            for piece in pieces(target - head.tell()):
+                head.write(piece)
+            length = head.tell()
+            head.seek(0)
             try:
-                ds, offset = _parse_body(out, name)
+                ds, offset = _parse_body(head, name)
             except Exception:  # noqa: BLE001 - a header cut by the partial inflation: inflate more
                 ds, offset = None, length
-            out.seek(length)
-            found_pixels = ds is not None and offset < length
-            if found_pixels or inflater.eof or consumed >= len(source) and not inflater.unconsumed_tail:
+            head.seek(length)
+            exhausted = inflater.eof or (consumed >= len(source) and not inflater.unconsumed_tail)
+            if (ds is not None and offset < length) or exhausted:
                 break
             if target >= HEADER_ALLOWANCE_BYTES:
                 raise ImageReadError(name, f"Deflated DICOM header inflates to more than {HEADER_ALLOWANCE_BYTES} bytes")
             target = min(target * 4, HEADER_ALLOWANCE_BYTES)
         if ds is None:
-            out.seek(0)
-            ds, offset = _parse_body(out, name)
-        if header_only or offset >= out.tell() or "Rows" not in ds:
-            return ds, out, offset
+            head.seek(0)
+            ds, offset = _parse_body(head, name)
+        if header_only or offset >= length or "Rows" not in ds:
+            return ds, head.getbuffer()[:length], offset
         cap = offset + 12 + _declared_pixel_bytes(ds, name, max_pixels) + (1 << 20)
-        pump(cap + 1)
-        if out.tell() > cap:
-            raise ImageReadError(name, f"Deflated DICOM inflates beyond the {cap} bytes its header declares (a decompression bomb)")
-        return ds, out, offset
+        buffer = bytearray(cap)
+        buffer[:length] = head.getbuffer()[:length]
+        del head
+        filled = length
+        for piece in pieces(cap - length + 1):
+            if filled + len(piece) > cap:
+                raise ImageReadError(name, f"Deflated DICOM inflates beyond the {cap} bytes its header declares (a decompression bomb)")
+            buffer[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        return ds, memoryview(buffer)[:filled], offset
     except zlib.error as exc:
         raise ImageReadError(name, f"corrupt Deflate stream ({exc})") from None
 
@@ -331,10 +342,10 @@ def open_dicom(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
         if len(data) >= 132 and data[128:132] == b"DICM":
             syntax, body_start = _meta_transfer_syntax(data)
             if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-                ds, out, offset = _inflate(data, body_start, name, max_pixels, header_only)
+                ds, inflated, offset = _inflate(data, body_start, name, max_pixels, header_only)
                 if len(ds) == 0:
                     raise ImageReadError(name, "truncated or corrupt DICOM (no data elements could be inflated)")
-                return ParsedDicom(ds, syntax, out.getbuffer(), offset, False, True)
+                return ParsedDicom(ds, syntax, inflated, offset, False, True)
         fileobj = io.BytesIO(data)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -535,9 +546,10 @@ def check_window_policy(window: str | None) -> str:
 def resolve_window_policy(window: str | None, apply_window: bool | None) -> str:
     """The policy from ``window=`` and the older ``apply_window=`` flag (True means ``file``)."""
     if apply_window is not None:
-        if window not in (None, "none") and (window == "file") != bool(apply_window):
+        policy = check_window_policy(window)
+        if policy != "none" and not (apply_window and policy == "file"):
             raise ConfigError("window", f"window={window!r} contradicts apply_window={apply_window!r}")
-        return "file" if apply_window else check_window_policy(window)
+        return "file" if apply_window else "none"
     return check_window_policy(window)
 
 
@@ -772,20 +784,25 @@ def _read_dicom_bytes(data: bytes, name: str, policy: str, min_size: int | None,
     plan = _window_plan(ds, policy, name, bits_stored)
 
     syntax = parsed.syntax
+    if syntax and syntax not in NATIVE_SYNTAXES and syntax not in ENCAPSULATED_SYNTAXES:
+        raise ImageReadError(
+            name,
+            f"unsupported transfer syntax {_show(syntax)}; the reader decodes the uncompressed syntaxes, Deflate, "
+            "JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, HTJ2K and RLE",
+        )
     geometry = PixelGeometry(rows, cols, bits_allocated, bits_stored, signed)
     if element.encapsulated:
-        if syntax in NATIVE_SYNTAXES or syntax not in ENCAPSULATED_SYNTAXES:
-            if syntax in NATIVE_SYNTAXES:
-                raise ImageReadError(name, f"encapsulated pixel data in a file declaring {NATIVE_SYNTAXES[syntax]}")
-            raise ImageReadError(name, f"unsupported transfer syntax {_show(syntax)} for compressed pixel data; {IMAGECODECS_HINT} covers JPEG, JPEG-LS, JPEG 2000 and RLE")
+        if syntax in NATIVE_SYNTAXES or not syntax:
+            raise ImageReadError(name, f"encapsulated pixel data in a file declaring {NATIVE_SYNTAXES.get(syntax, 'no transfer syntax')}")
         allow_reduced = min_size is not None and plan.kind is None and bits_stored == 8 and modality_lut is None
         raw = encapsulated_frame(element, geometry, syntax, name=name, min_size=min_size, allow_reduced=allow_reduced)
     else:
-        if syntax and syntax not in NATIVE_SYNTAXES:
-            what = ENCAPSULATED_SYNTAXES.get(syntax, (syntax, ""))[0]
-            raise ImageReadError(name, f"uncompressed pixel data in a file declaring {_show(what)}")
+        if syntax in ENCAPSULATED_SYNTAXES:
+            raise ImageReadError(name, f"uncompressed pixel data in a file declaring {ENCAPSULATED_SYNTAXES[syntax][0]}")
         raw = native_frame(element, geometry, little=parsed.little, name=name)
-    raw = _correct_unused_bits(raw, bits_stored, signed) if bits_allocated > 1 else raw
+        # Native samples may carry other data (old overlays) above BitsStored. Decoded
+        # samples may not: a lossy codec's overshoot is clipped below, not masked.
+        raw = _correct_unused_bits(raw, bits_stored, signed) if bits_allocated > 1 else raw
 
     values = raw.astype(np.float32)  # the one float32 array steps 2-5 work on, in place
     del raw

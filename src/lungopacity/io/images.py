@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -151,6 +152,15 @@ def _read_pil(
     """Pixels and the original (rows, cols), which differ when JPEG was decoded reduced."""
     from PIL import Image
 
+    # The declared size from the file's own header first (PNG IHDR, JPEG SOF), so that
+    # the refusal names our limit; Pillow's open then reads TIFF tags the same way.
+    declared = _declared_size(data, fmt, name)
+    if declared is not None:
+        cause = pixel_limit_cause(declared[0], declared[1], max_pixels)
+        if cause:
+            raise ImageReadError(name, cause)
+    if fmt == "jpeg":
+        _check_jpeg_file(data, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -168,7 +178,6 @@ def _read_pil(
             if getattr(img, "n_frames", 1) > 1:
                 log.warning("%s: %d frames; using the first", name, img.n_frames)
             if fmt == "jpeg":
-                _check_jpeg_file(data, name)
                 # Grayscale decode straight from the JPEG (luminance): 1 byte per pixel,
                 # even for colour files; reduced scale when the caller resizes anyway.
                 target = (min_size, min_size) if (min_size is not None and min(w, h) >= 2 * min_size) else (w, h)
@@ -188,6 +197,22 @@ def _read_pil(
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt files
         raise ImageReadError(name, f"truncated or corrupt {fmt.upper()} ({type(exc).__name__}: {_short(exc)})") from None
     return _pil_to_unit_float(img, name), (h, w)
+
+
+def _declared_size(data: bytes, fmt: ImageFormat, name: str) -> tuple[int, int] | None:
+    """(rows, cols) from a PNG's IHDR or a JPEG's SOF, without Pillow; None for TIFF."""
+    if fmt == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageReadError(name, "truncated or corrupt PNG (no IHDR chunk)")
+        width, height = struct.unpack(">II", data[16:24])
+        return int(height), int(width)
+    if fmt == "jpeg":
+        try:
+            info = jpeg_info(data)
+        except CodestreamError as exc:
+            raise ImageReadError(name, f"corrupt JPEG ({exc})") from None
+        return info.rows, info.cols
+    return None
 
 
 def _check_jpeg_file(data: bytes, name: str) -> None:
