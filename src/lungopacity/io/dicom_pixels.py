@@ -373,16 +373,6 @@ def _match_signedness(arr: np.ndarray, geometry: PixelGeometry, precision: int) 
     return arr
 
 
-def decoder_hint(syntax: str) -> str:
-    """What a transfer syntax needs, for error messages."""
-    if syntax in NATIVE_SYNTAXES:
-        return f"{NATIVE_SYNTAXES[syntax]} (no decoder needed)"
-    if syntax in ENCAPSULATED_SYNTAXES:
-        what, kind = ENCAPSULATED_SYNTAXES[syntax]
-        return f"{what} (decoded by {'Pillow or ' if syntax == JPEG_BASELINE else ''}imagecodecs)"
-    return "not a transfer syntax this reader knows"
-
-
 __all__ = [
     "DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN",
     "ENCAPSULATED_SYNTAXES",
@@ -391,7 +381,6 @@ __all__ = [
     "NATIVE_SYNTAXES",
     "PixelElement",
     "PixelGeometry",
-    "decoder_hint",
     "encapsulated_frame",
     "frame_fragments",
     "locate_pixel_data",
