@@ -121,7 +121,7 @@ def test_markdown_tables_hold_the_rows_and_the_anchors(smoke):
     engine = _ok(smoke["results"], "classifier_engine", "efficientnet_lite0-48px-b4")
     assert "| efficientnet_lite0 | 48 | 4 |" in text
     assert f"| {engine['engine_over_bare']:.2f} |" in text
-    assert "error: ValueError" in text  # the impossible backbone's cell
+    assert "error: ConfigError" in text  # the impossible backbone's cell
     assert "385.56 img/s on an RTX 3090" in text and "2,267.92 img/s on an RTX 4090" in text
     for heading in ("## Classifier training", "## Detector training", "## Inference", "## Distributed (DDP)",
                     "## Errors", "## Skipped"):

@@ -167,17 +167,29 @@ def test_dicom_without_pixels_colour_and_multiframe_are_refused(tmp_path: Path) 
         read_image(tmp_path / "multi.dcm")
 
 
-def test_unsupported_transfer_syntax_says_what_to_install(tmp_path: Path) -> None:
+def test_unsupported_transfer_syntax_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    import imagecodecs
     import pydicom
     from pydicom.encaps import encapsulate
 
     path = make_uncompressed_dicom(tmp_path / "ok.dcm", ramp((8, 8)), bits_stored=8)
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 60])
+    ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(ramp((8, 8)).astype(np.uint8), level=0, codecformat="J2K")])
     ds["PixelData"].VR = "OB"
     ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
-    with pytest.raises(ImageReadError, match="pylibjpeg-openjpeg"):
+    np.testing.assert_allclose(read_image(tmp_path / "j2k.dcm")[0], ramp((8, 8)) / 255, atol=1e-6)  # decodable now
+    real_import = builtins.__import__
+
+    def without_imagecodecs(name, *args, **kwargs):
+        if name.split(".")[0] == "imagecodecs":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_imagecodecs)
+    with pytest.raises(ImageReadError, match="pip install 'imagecodecs"):
         read_image(tmp_path / "j2k.dcm")
 
 

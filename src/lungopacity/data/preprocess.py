@@ -29,9 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from lungopacity.errors import ConfigError
+from lungopacity.io.dicom import WINDOW_POLICIES as _READER_WINDOW_POLICIES
 
-#: Window policies of the readers (see :func:`lungopacity.io.read_image`).
-WINDOW_POLICIES: tuple[str, ...] = ("none",)
+#: Window policies of the readers (see :func:`lungopacity.io.read_image`): ``none``
+#: (never apply a VOI LUT/window), ``auto`` (the file's VOI LUT, or its window when
+#: BitsStored > 8), ``file`` (whichever the file has). Training and serving must use the
+#: same one; the prepared cache and the bundle record it.
+WINDOW_POLICIES: tuple[str, ...] = tuple(_READER_WINDOW_POLICIES)
 
 
 def prepare_image(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -54,18 +58,21 @@ def decode_prepared(
     *,
     name: str | None = None,
     max_pixels: int | None = None,
+    window: str = "none",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode one image file as the prepared cache holds it: uint8 ``size x size`` and the header.
 
     The reader may decode a JPEG at a reduced scale (``min_size``), since the result is
     resized down to ``size`` anyway; the header keeps the original ``rows``/``cols``.
+    ``window`` is the reader's window policy (:data:`WINDOW_POLICIES`); the header's
+    ``window`` entry records what it applied.
 
     Raises:
         ImageReadError: the file cannot be read.
     """
     from lungopacity.io.images import read_image
 
-    kwargs: dict[str, Any] = {"min_size": size, "name": name}
+    kwargs: dict[str, Any] = {"min_size": size, "name": name, "window": window}
     if max_pixels is not None:
         kwargs["max_pixels"] = max_pixels
     pixels, header = read_image(source, **kwargs)
