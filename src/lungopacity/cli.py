@@ -100,6 +100,12 @@ class View(str, Enum):
     PA = "PA"
 
 
+class Window(str, Enum):
+    auto = "auto"
+    none = "none"
+    file = "file"
+
+
 def _check_device(value: str) -> str:
     from lungopacity.devices import DEVICE_HELP, DEVICE_PATTERN
 
@@ -249,6 +255,12 @@ def prepare(
     metadata_csv: Optional[Path] = typer.Option(
         None, "--metadata-csv", help="Sex/age/view table for non-DICOM images (default DATA_DIR/metadata.csv)."
     ),
+    window: Window = typer.Option(
+        Window.auto, "--window",
+        help="DICOM windowing: auto applies the file's VOI LUT, or its Window Center/Width when BitsStored > 8 "
+        "(what a radiologist's viewer shows) | none: the full stored range | file: whatever window the file has. "
+        "Recorded in the cache; runs and the bundle carry it, so predict and serve read images the same way.",
+    ),
 ) -> None:
     """Decode and resize every image once into a memory-mapped uint8 cache.
 
@@ -262,7 +274,7 @@ def prepare(
     try:
         result = prepare_cache(
             data_dir, out, size=size, workers=workers, val_fraction=val_fraction, folds=folds, seed=seed,
-            metadata_csv=metadata_csv, progress=bar,
+            metadata_csv=metadata_csv, window=window.value, progress=bar,
         )
     finally:
         bar.close()

@@ -7,7 +7,7 @@ A cache folder holds
 * ``index.csv`` — the patient table (see docs/ARCHITECTURE.md) plus ``row``, ``orig_h``,
   ``orig_w``, ``split``, ``fold``, with boxes as JSON lists of xyxy in original pixels;
 * ``errors.csv`` — ``patientId,path,error`` for files that failed to decode;
-* ``meta.json`` — size, count, source folder, split settings, state.
+* ``meta.json`` — size, count, source folder, split settings, the window policy, state.
 
 Images are resized to ``S x S`` whatever their aspect ratio (RSNA images are square);
 ``orig_h``/``orig_w`` map boxes between prepared and original pixels.
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lungopacity import __version__
-from lungopacity.data.preprocess import decode_prepared
+from lungopacity.data.preprocess import WINDOW_POLICIES, decode_prepared
 from lungopacity.errors import ConfigError
 from lungopacity.io.errors import DataFormatError, ImageReadError
 from lungopacity.io.rsna import load_rsna, make_splits
@@ -52,9 +52,9 @@ IMAGES_FILE, STATUS_FILE, INDEX_FILE, META_FILE, ERRORS_FILE = (
 )
 
 
-def prepare_one(path: str | Path, size: int) -> np.ndarray:
+def prepare_one(path: str | Path, size: int, window: str = "none") -> np.ndarray:
     """Decode one image file and resize it as the cache does (uint8 ``size x size``)."""
-    return decode_prepared(path, size)[0]
+    return decode_prepared(path, size, window=window)[0]
 
 
 # ----------------------------------------------------------------- worker processes
@@ -67,13 +67,15 @@ def _worker_init(images_path: str) -> None:
     _worker_images = np.load(images_path, mmap_mode="r+")
 
 
-def _worker_chunk(rows: Sequence[int], paths: Sequence[str], size: int) -> list[tuple[int, str | None]]:
+def _worker_chunk(
+    rows: Sequence[int], paths: Sequence[str], size: int, window: str = "none"
+) -> list[tuple[int, str | None]]:
     """Prepare a chunk into the shared memory map; return (row, error or None) per image."""
     assert _worker_images is not None
     results: list[tuple[int, str | None]] = []
     for row, path in zip(rows, paths):
         try:
-            _worker_images[row] = prepare_one(path, size)
+            _worker_images[row] = prepare_one(path, size, window)
             results.append((row, None))
         except ImageReadError as exc:
             results.append((row, exc.cause))
@@ -130,6 +132,8 @@ class PreparedCache:
             raise DataFormatError(self.path, "not a prepared cache (meta.json missing); run `lungopacity prepare` first")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         self.size = int(self.meta["size"])
+        # Caches from before the window policy were read without one.
+        self.window = str(self.meta.get("window", "none"))
         table = pd.read_csv(self.path / INDEX_FILE, dtype={"patientId": str, "sex": object, "view": object})
         table["boxes"] = [_boxes_from_json(t) for t in table["boxes"].fillna("")]
         for column in ("sex", "view"):
@@ -197,6 +201,7 @@ def prepare_cache(
     folds: int = 5,
     seed: int = 0,
     metadata_csv: str | Path | None = None,
+    window: str = "auto",
     chunk_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> PrepareResult:
@@ -213,12 +218,18 @@ def prepare_cache(
         workers: worker processes (default: CPU count); 1 works in this process.
         val_fraction, folds, seed: the patient-level split stored in the index.
         metadata_csv: metadata table for non-DICOM images (default ``data_dir/metadata.csv``).
+        window: the readers' window policy (:data:`lungopacity.data.preprocess.WINDOW_POLICIES`):
+            ``auto`` (default) applies a DICOM's VOI LUT, or its window when BitsStored > 8,
+            as a radiologist's viewer shows it; recorded in ``meta.json``, carried by the
+            runs and the bundle, so ``predict`` and the service read images the same way.
         chunk_size: images per task handed to a worker.
         progress: called as ``progress(done, total)`` after each chunk.
 
     Raises:
         DataFormatError: bad tables, or ``out`` holds a cache made with other settings.
     """
+    if window not in WINDOW_POLICIES:
+        raise ConfigError("--window", f"must be one of {', '.join(WINDOW_POLICIES)}, got {window!r}")
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,12 +243,13 @@ def prepare_cache(
         "folds": int(folds),
         "seed": int(seed),
         "patients_hash": _hash_ids(index["patientId"]),
+        "window": window,
     }
     meta_path, images_path, status_path = out / META_FILE, out / IMAGES_FILE, out / STATUS_FILE
     resuming = meta_path.exists() and images_path.exists() and status_path.exists()
     if resuming:
         old = json.loads(meta_path.read_text())
-        differing = [k for k, v in settings.items() if old.get(k) != v]
+        differing = [k for k, v in settings.items() if old.get(k, "none" if k == "window" else None) != v]
         if differing:
             raise DataFormatError(
                 out,
@@ -299,7 +311,7 @@ def prepare_cache(
         if workers <= 1 or len(chunks) <= 1:
             _worker_init(str(images_path))
             for chunk in chunks:
-                record(_worker_chunk(chunk.tolist(), paths[chunk].tolist(), size), writer)
+                record(_worker_chunk(chunk.tolist(), paths[chunk].tolist(), size, window), writer)
                 handle.flush()
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(str(images_path),)) as pool:
@@ -307,7 +319,7 @@ def prepare_cache(
                 queue = iter(chunks)
                 in_flight = set()
                 for chunk in queue:
-                    in_flight.add(pool.submit(_worker_chunk, chunk.tolist(), paths[chunk].tolist(), size))
+                    in_flight.add(pool.submit(_worker_chunk, chunk.tolist(), paths[chunk].tolist(), size, window))
                     if len(in_flight) >= 2 * workers:
                         finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                         for future in finished:

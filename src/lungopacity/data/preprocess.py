@@ -94,6 +94,8 @@ def network_input(
         device: where the batch goes (the resize runs there).
         channels_last: return a channels-last tensor (faster convolutions).
     """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # a read-only memory map of the cache: torch wants writable memory
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
         raise ConfigError(f"network_input takes prepared uint8 images, got {x.dtype}")

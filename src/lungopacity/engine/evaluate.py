@@ -230,6 +230,10 @@ def evaluate_classifier(
     table = cache.table.iloc[positions].reset_index(drop=True)
     ids = table["patientId"].astype(str).to_numpy()
     n_folds = run.folds
+    if run.cache.window != cache.window:
+        log.warning("%s: prepared with window policy %r, but the run was trained on images prepared with %r; "
+                    "the figures describe images the model was not trained to see", cache.path, cache.window,
+                    run.cache.window)
     same_cache = run.cache.matches(cache)
     warnings: list[str] = []
 

@@ -165,6 +165,10 @@ def evaluate_detector(
     positions = cache.indices(None if split == "all" else split)
     if len(positions) == 0:
         raise ConfigError(f"{cache.path}: no prepared patients in split {split!r}")
+    if run.cache.window != cache.window:
+        log.warning("%s: prepared with window policy %r, but the run was trained on images prepared with %r; "
+                    "the figures describe images the model was not trained to see", cache.path, cache.window,
+                    run.cache.window)
     if run.cache.patients_hash and not run.cache.matches(cache):
         log.warning("%s: the detector was trained on another cache (%s); its val split may overlap this one's train",
                     cache.path, run.cache.path)

@@ -72,23 +72,27 @@ class CacheReference:
         size: the PREPARED image side S (not the network input size).
         n: patients in the cache's index.
         patients_hash: digest of the cache's patient ids (None for caches that lack it).
+        window: the readers' window policy the cache was prepared with (serving repeats it).
     """
 
     path: Path
     size: int
     n: int
     patients_hash: str | None = None
+    window: str = "none"
 
     @classmethod
     def of(cls, cache: PreparedCache) -> CacheReference:
-        return cls(cache.path.resolve(), int(cache.size), len(cache), cache.meta.get("patients_hash"))
+        return cls(cache.path.resolve(), int(cache.size), len(cache), cache.meta.get("patients_hash"), cache.window)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheReference:
-        return cls(Path(str(data["path"])), int(data["size"]), int(data.get("n", 0)), data.get("patients_hash"))
+        return cls(Path(str(data["path"])), int(data["size"]), int(data.get("n", 0)), data.get("patients_hash"),
+                   str(data.get("window", "none")))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "size": self.size, "n": self.n, "patients_hash": self.patients_hash}
+        return {"path": str(self.path), "size": self.size, "n": self.n, "patients_hash": self.patients_hash,
+                "window": self.window}
 
     def matches(self, cache: PreparedCache) -> bool:
         """True when ``cache`` holds exactly the patients the run trained on."""

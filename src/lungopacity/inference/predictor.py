@@ -27,7 +27,7 @@ from lungopacity.data.preprocess import decode_prepared, network_input
 from lungopacity.devices import resolve_device
 from lungopacity.errors import BundleError, ConfigError
 from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
-from lungopacity.inference.manifest import BundleManifest
+from lungopacity.inference.manifest import BundleManifest, Preprocessing
 from lungopacity.inference.metadata import METADATA_FIELDS, SOURCE_MISSING, resolve_metadata
 from lungopacity.inference.schemas import Box, Prediction, Reading
 from lungopacity.io.errors import ImageReadError
@@ -42,16 +42,18 @@ class ImageInput:
     """One decoded image waiting for prediction.
 
     ``prepared`` holds the image as the training caches held it (uint8, one entry per
-    prepared size the bundle's networks need); the full-resolution pixels for pictures
-    are decoded from ``data`` only when asked for (:meth:`full_pixels`).
+    (prepared size, window policy) the bundle's networks need); the full-resolution pixels
+    for pictures are decoded from ``data`` only when asked for (:meth:`full_pixels`), with
+    the classifier's window policy.
     """
 
     id: str
     data: bytes = field(repr=False)
     header: dict[str, Any]
-    prepared: dict[int, np.ndarray] = field(repr=False)
+    prepared: dict[tuple[int, str], np.ndarray] = field(repr=False)
     read_seconds: float = 0.0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    window: str = "none"
     _pixels: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -62,7 +64,7 @@ class ImageInput:
     def full_pixels(self) -> np.ndarray:
         """The image at its original resolution, float32 in [0, 1] (decoded once, on demand)."""
         if self._pixels is None:
-            self._pixels, _ = read_image(self.data, name=self.id, max_pixels=self.max_pixels)
+            self._pixels, _ = read_image(self.data, name=self.id, max_pixels=self.max_pixels, window=self.window)
         return self._pixels
 
 
@@ -81,8 +83,10 @@ class Predictor:
         self.postprocess = PostprocessConfig.from_dict(manifest.detector.postprocess) if manifest.detector else None
         self.threshold = manifest.threshold.value
         self.onnx = None
-        self.prepared_sizes = sorted(
-            {p.prepared_size for p in (self.classifier_preprocessing, self.detector_preprocessing) if p is not None}
+        # Each (prepared size, window policy) a network was trained on: decoded once per file.
+        self.prepared_keys = sorted(
+            {(p.prepared_size, p.window) for p in (self.classifier_preprocessing, self.detector_preprocessing)
+             if p is not None}
         )
 
     @classmethod
@@ -141,26 +145,29 @@ class Predictor:
                 data = Path(source).read_bytes()
             except OSError as exc:
                 raise ImageReadError(source, f"cannot read the file ({exc.strerror or exc})") from None
-        prepared: dict[int, np.ndarray] = {}
+        prepared: dict[tuple[int, str], np.ndarray] = {}
         header: dict[str, Any] = {}
-        for size in self.prepared_sizes:
-            prepared[size], header = decode_prepared(data, size, name=name, max_pixels=self.max_pixels)
+        for size, window in self.prepared_keys:
+            prepared[(size, window)], decoded_header = decode_prepared(
+                data, size, name=name, max_pixels=self.max_pixels, window=window
+            )
+            if window == self.classifier_preprocessing.window or not header:
+                header = decoded_header  # the classifier's reading of the header (its window record)
         image_id = Path(name).stem if name else "image"
-        return ImageInput(image_id, data, header, prepared, time.perf_counter() - start, self.max_pixels)
+        return ImageInput(image_id, data, header, prepared, time.perf_counter() - start, self.max_pixels,
+                          self.classifier_preprocessing.window)
 
-    def network_batch(self, images: Sequence[ImageInput], prepared_size: int, input_size: int | None = None) -> torch.Tensor:
+    def network_batch(self, images: Sequence[ImageInput], preprocessing: Preprocessing) -> torch.Tensor:
         """The network input of a batch: the same :func:`network_input` as in training."""
-        batch = np.stack([img.prepared[prepared_size] for img in images])
-        return network_input(batch, size=input_size, device=self.device)
+        batch = np.stack([img.prepared[(preprocessing.prepared_size, preprocessing.window)] for img in images])
+        return network_input(batch, size=preprocessing.input_size, device=self.device)
 
     def classifier_input(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        p = self.classifier_preprocessing
-        return self.network_batch(images, p.prepared_size, p.input_size)
+        return self.network_batch(images, self.classifier_preprocessing)
 
     def detector_input(self, images: Sequence[ImageInput]) -> torch.Tensor:
         assert self.detector_preprocessing is not None
-        p = self.detector_preprocessing
-        return self.network_batch(images, p.prepared_size, p.input_size)
+        return self.network_batch(images, self.detector_preprocessing)
 
     # -------------------------------------------------------------- prediction
 
