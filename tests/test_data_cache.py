@@ -90,7 +90,7 @@ def test_prepare_resumes_after_being_killed(demo_dir: Path, tmp_path: Path) -> N
     script = (
         "import time, lungopacity.data.cache as c\n"
         "orig = c.prepare_one\n"
-        "def slow(path, size):\n    time.sleep(0.15)\n    return orig(path, size)\n"
+        "def slow(path, size, window='none'):\n    time.sleep(0.15)\n    return orig(path, size, window)\n"
         "c.prepare_one = slow\n"
         f"c.prepare_cache({str(demo_dir)!r}, {str(cache_dir)!r}, size=128, workers=1, chunk_size=2)\n"
     )
