@@ -563,10 +563,10 @@ class BundleManifest:
         fusion = top.child("fusion", optional=True)
         detector = top.child("detector", optional=True)
         applicability = top.child("applicability", optional=True)
-        card = top.child("model_card")
-        TrainingData.read(card.child("training_data"))  # type: ignore[union-attr,arg-type]
         classifier = ClassifierPart.read(top.child("classifier"))  # type: ignore[arg-type]
         threshold = Threshold.read(top.child("threshold"))  # type: ignore[arg-type]
+        card = top.child("model_card")
+        TrainingData.read(card.child("training_data"))  # type: ignore[union-attr,arg-type]
         if (threshold.score == "fusion") != (fusion is not None):
             top.fail(f"threshold.score is {threshold.score!r} but the bundle {'has' if fusion else 'has no'} fusion part",
                      "threshold")
