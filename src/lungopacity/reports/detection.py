@@ -139,6 +139,19 @@ def select_cases(
     return best, worst
 
 
+def note_sheet(text: str, width: int = 480, height: int = 120) -> bytes:
+    """A PNG holding one line of text: what a case sheet shows when no patient is left for it."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (width, height), 235)
+    ImageDraw.Draw(image).multiline_text((12, 12), text, fill=20)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def case_sheet(
     images: Sequence[np.ndarray],
     scales: Sequence[tuple[float, float]],
