@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lungopacity.cli import EXIT_LIBRARY_ERROR, app
+from lungopacity.inference.manifest import BUNDLE_FORMAT_VERSION
 
 
 def _damaged_bundle(root: Path) -> Path:
@@ -28,12 +29,12 @@ def _bundle_with_bad_field(root: Path) -> Path:
     bundle = root / "bad-field-model"
     bundle.mkdir()
     (bundle / "bundle.json").write_text(json.dumps({
-        "format": "lungopacity-bundle", "format_version": 2, "lungopacity_version": "0.1.0",
+        "format": "lungopacity-bundle", "format_version": BUNDLE_FORMAT_VERSION, "lungopacity_version": "0.1.0",
         "created": "2026-01-01T00:00:00+00:00",
         "class_names": ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"],
         "classifier": {"model_config": {}, "members": [{"file": "classifier_0.safetensors", "sha256": "0" * 64}],
                        "temperature": "hot", "preprocessing": {"prepared_size": 64, "input_size": 64, "window": "none"}},
-        "threshold": {"value": 0.5, "rule": "youden", "sensitivity": 0.9, "specificity": 0.8, "score": "classifier"},
+        "threshold": {"value": 0.5, "rule": "youden", "sensitivity": 0.9, "specificity": 0.8, "score": "image"},
     }))
     return bundle
 

@@ -278,8 +278,8 @@ def test_evaluate_detector_writes_report_submission_and_gating(tmp_path, tiny_ca
 def test_select_cases_and_metrics_by_view():
     per_image = np.array([np.nan, 0.2, 1.0, 0.0, 0.5])
     best, worst = select_cases(per_image, np.array([0, 1, 2, 0, 1]), np.array([0, 1, 2, 3, 1]), 3)
-    np.testing.assert_array_equal(best, [2, 4, 1])  # positives only, best first
-    np.testing.assert_array_equal(worst, [3, 1, 4])
+    np.testing.assert_array_equal(best, [2, 4])  # positives only, best first; half of the 4 scored
+    np.testing.assert_array_equal(worst, [3, 1])  # never a patient of the best sheet
     box = np.array([[0.0, 0.0, 100.0, 100.0]])
     by_view = metrics_by_view(["AP", "PA", None], [box, box, box], [box, np.zeros((0, 4)), box],
                               [np.array([0.9]), np.zeros(0), np.array([0.5])])

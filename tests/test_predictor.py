@@ -13,7 +13,7 @@ import torch
 
 from lungopacity.constants import CLASS_KEYS
 from lungopacity.inference import BundleError, Predictor
-from lungopacity.engine.bundle import LOGIT_COLUMNS, calibrate
+from lungopacity.engine.bundle import LOGIT_COLUMNS, calibrate_image
 from lungopacity.inference.bundle import read_manifest
 
 
@@ -24,10 +24,12 @@ def test_demo_chain_writes_every_product(tiny_demo) -> None:
     assert (paths["fusion"] / "fusion.json").exists()
     assert (paths["detector_report"] / "submission.csv").exists()
     manifest = read_manifest(paths["model"])
-    assert manifest.fusion and manifest.detector and len(manifest.classifier.members) == 2
+    assert manifest.detector and manifest.applicability and len(manifest.classifier.members) == 2
+    assert (manifest.fusion is not None) == (manifest.decision_source == "fusion")
     table = pd.read_csv(paths["predictions"] / "predictions.csv")
     assert len(table) == 3
-    for column in ("id", "p_normal", "p_not_normal", "p_lung_opacity", "opacity_probability", "decision"):
+    for column in ("id", "p_normal", "p_not_normal", "p_lung_opacity", "opacity_probability", "decision",
+                   "image_probability", "decision_source", "member_std", "uncertain", "applicable"):
         assert column in table.columns
     np.testing.assert_allclose(table[["p_normal", "p_not_normal", "p_lung_opacity"]].sum(axis=1), 1.0, atol=1e-6)
 
@@ -144,36 +146,6 @@ def test_temperature_scaling_lowers_calibration_error(tiny_demo) -> None:
     held_out = pd.read_csv(tiny_demo.paths["classifier"] / "oof.csv")
     # Overconfident logits (x4) of the same run: the fit must undo it.
     held_out[list(LOGIT_COLUMNS)] *= 4.0
-    result = calibrate(held_out)
+    result = calibrate_image(held_out)
     assert result.temperature > 1.0
     assert result.ece_after < result.ece_before
-
-
-def test_model_card_carries_the_fusion_comparison_and_warns_when_fusion_loses(
-    tiny_demo, tmp_path: Path, caplog
-) -> None:
-    from lungopacity.engine.bundle import FUSION_METRICS_FILE, build_bundle
-
-    paths = tiny_demo.paths
-    fusion = tmp_path / "fusion"
-    shutil.copytree(paths["fusion"], fusion)
-    report = json.loads((fusion / FUSION_METRICS_FILE).read_text())
-    report["models"]["image-only"]["auc"] = 0.90
-    report["models"]["fusion"]["auc"] = 0.85
-    report["comparisons"]["fusion_vs_image-only"]["delong_p"] = 0.0123
-    (fusion / FUSION_METRICS_FILE).write_text(json.dumps(report))
-
-    with caplog.at_level("WARNING", logger="lungopacity.engine.bundle"):
-        build_bundle(tmp_path / "worse", paths["classifier"], fusion_dir=fusion, cache_dir=paths["cache"])
-    card = read_manifest(tmp_path / "worse").model_card["validation"]["fusion_comparison"]
-    assert card["held_out_auc"]["fusion"] == 0.85 and card["held_out_auc"]["image-only"] == 0.90
-    assert card["fusion_vs_image_delong_p"] == 0.0123
-    assert "below the image classifier's 0.9000" in caplog.text and "without --fusion" in caplog.text
-
-    caplog.clear()
-    report["models"]["fusion"]["auc"] = 0.95
-    (fusion / FUSION_METRICS_FILE).write_text(json.dumps(report))
-    with caplog.at_level("WARNING", logger="lungopacity.engine.bundle"):
-        build_bundle(tmp_path / "better", paths["classifier"], fusion_dir=fusion, cache_dir=paths["cache"])
-    assert "below the image classifier" not in caplog.text
-    assert read_manifest(tmp_path / "better").model_card["validation"]["fusion_comparison"]["held_out_auc"]["fusion"] == 0.95

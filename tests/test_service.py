@@ -197,7 +197,8 @@ def test_predict_returns_the_full_reading(client: TestClient, fake: FakePredicto
     assert body["decision"] is True and body["threshold"] == 0.5
     assert body["summary"] == "Signs of lung opacity found (probability 0.80)"
     assert body["disclaimer"] == DISCLAIMER
-    assert body["boxes"] == [{"x1": 16.0, "y1": 12.0, "x2": 48.0, "y2": 36.0, "score": pytest.approx(0.8)}]
+    assert body["boxes"] == [{"x1": 16.0, "y1": 12.0, "x2": 48.0, "y2": 36.0, "box_confidence": pytest.approx(0.8),
+                              "detector_score": None, "score": pytest.approx(0.8)}]
     assert body["image_size"] == [48, 64]
     assert body["missing"] == ["sex", "age", "view"]
     assert {"read", "total", "queue_wait", "server_total"} <= set(body["timings"])

@@ -514,17 +514,29 @@ def bundle_command(
         None, "--detector-postprocess",
         help="Box post-processing from an evaluate-detector report.json (e.g. tuned with gating).",
     ),
+    device: str = _device_option(),
 ) -> None:
     """Assemble one model bundle: weights (safetensors) and one JSON config with the model card.
 
-    Fits the calibration temperature on the classifier's held-out predictions (with a
-    reliability diagram, OUT/calibration.png) and chooses the operating threshold.
+    Keeps the fusion network only when its cross-fitted AUC is at least the image
+    classifier's; calibrates the final P(opacity) on held-out predictions (reliability
+    diagram OUT/calibration.png); chooses the operating threshold; records the training
+    data's provenance; fits the applicability gate on the training images.
     """
     from lungopacity.engine.bundle import build_bundle
+    from lungopacity.inference.bundle import read_manifest
 
     path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector, cache_dir=cache,
-                        target_sensitivity=sensitivity, detector_postprocess=detector_postprocess)
-    typer.echo(f"bundle written to {path}")
+                        target_sensitivity=sensitivity, detector_postprocess=detector_postprocess, device=device)
+    manifest = read_manifest(path)
+    card = manifest.model_card
+    validation, calibration = card["validation"], card["calibration"]
+    low, high = validation["final_auc_ci95"]
+    typer.echo(f"bundle written to {path}: decision by {manifest.decision_source} ({card['decision']['reason']}); "
+               f"held-out AUC {validation['final_auc']:.4f} [{low:.4f}, {high:.4f}]; ECE of P(opacity) "
+               f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}")
+    for warning in manifest.warnings():
+        typer.echo(f"warning: {warning}")
 
 
 @app.command("predict")
@@ -561,10 +573,12 @@ def predict_command(
     coco: bool = typer.Option(False, "--coco", help="Also write the boxes as a COCO dataset (OUT/coco.json)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
 ) -> None:
-    """Read X-rays with a bundle: class probabilities, fused P(opacity), decision and boxes.
+    """Read X-rays with a bundle: the final P(opacity), its source, decision, uncertainty and boxes.
 
-    Results are written as each batch finishes; a file that cannot be read goes to
-    OUT/errors.csv with the reason and the batch goes on.
+    An image that fails the applicability check (not a frontal chest radiograph like the
+    training images) gets no decision, with the reasons. Results are written as each batch
+    finishes; a file that cannot be read goes to OUT/errors.csv with the reason and the
+    batch goes on. docs/OUTPUTS.md defines every column.
     """
     from lungopacity.inference.batch import predict_to_folder
     from lungopacity.inference.predictor import Predictor
@@ -578,13 +592,24 @@ def predict_command(
                                    overwrite=overwrite, progress=bar)
     finally:
         bar.close()
+    for image_id, reasons in result.no_decision[:MAX_LISTED]:
+        typer.echo(f"{image_id}: no decision: {'; '.join(reasons)}")
+    if result.n_no_decision > MAX_LISTED:
+        typer.echo(f"... and {result.n_no_decision - MAX_LISTED} more without a decision (see predictions.csv)")
     images_read = f"{result.n_predicted} image{'s' if result.n_predicted != 1 else ''} read"
     skipped = f" ({result.n_skipped} finished by an earlier run)" if result.n_skipped else ""
     typer.echo(
-        f"{images_read}{skipped}, {result.n_positive} with opacity, {result.n_errors} "
-        f"error{'s' if result.n_errors != 1 else ''}; results in {out}/predictions.csv"
+        f"{images_read}{skipped}: {result.n_positive} with opacity, {result.n_no_decision} without a decision, "
+        f"{result.n_uncertain} uncertain; {result.n_errors} error{'s' if result.n_errors != 1 else ''}; "
+        f"results in {out}/predictions.csv"
         + (f", errors in {out}/errors.csv" if result.n_errors else "")
     )
+    for warning in result.model_warnings:
+        typer.echo(f"warning: {warning}")
+
+
+#: Images without a decision listed by `predict` (the rest are in predictions.csv).
+MAX_LISTED = 20
 
 
 @app.command("export-onnx")

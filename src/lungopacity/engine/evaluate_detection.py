@@ -49,6 +49,7 @@ from lungopacity.reports.detection import (
     case_sheet,
     detection_metrics,
     metrics_by_view,
+    note_sheet,
     select_cases,
     write_report,
 )
@@ -240,7 +241,11 @@ def evaluate_detector(
     best, worst = select_cases(per_image, per_patient["n_gt"].to_numpy(),
                                per_patient[f"n_pred_{main_name}"].to_numpy(), n_cases)
     for label, chosen in (("best_cases.png", best), ("worst_cases.png", worst)):
-        if len(chosen) == 0:
+        if len(chosen) == 0:  # too few scored patients for two sheets without sharing one
+            text = (f"No patient for this sheet: {len(best) + len(worst)} scored patient(s),\n"
+                    "each shown on one sheet only.")
+            (out_dir / label).write_bytes(note_sheet(text))
+            files[label.replace("_", " ").replace(".png", "")] = label
             continue
         images = [cache.image(int(positions[i])).astype(np.float32) / 255.0 for i in chosen]
         scales = [cache.scale(int(positions[i])) for i in chosen]

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 OOF_COLUMNS: tuple[str, ...] = ("patientId", "fold", *PROBABILITY_FEATURES, "class", "Target")
 #: Columns the metadata / patient table must have.
 TABLE_COLUMNS: tuple[str, ...] = ("patientId", "sex", "age", "view", "Target")
+#: Per-patient cross-fitted scores written into ``OUT/report/`` by :func:`train_fusion_run`.
+CROSS_FITTED_SCORES_FILE = "cross_fitted_scores.csv"
 #: Largest allowed |p_normal + p_not_normal + p_lung_opacity - 1|.
 PROBABILITY_SUM_TOLERANCE = 1e-3
 
@@ -561,7 +563,8 @@ def train_fusion_run(
     come from the prepared cache the classifier was trained on (``cache_dir``) or from an
     RSNA folder's label tables and ``metadata.csv`` (``data_dir``). The network is saved
     to ``out_dir`` (``fusion.safetensors``, ``fusion.json``); ``out_dir/report`` holds the
-    metadata-only / image-only / fusion comparison on held-out (cross-fitted) scores.
+    metadata-only / image-only / fusion comparison on held-out (cross-fitted) scores, and
+    those scores per patient (``cross_fitted_scores.csv``).
 
     ``config`` sets the networks' training (default :class:`FusionTrainConfig` with
     ``seed``); ``seed`` also seeds the bootstrap of the report.
@@ -593,5 +596,7 @@ def train_fusion_run(
     result.save(out_dir)
     scores = cross_fit_scores(table, oof, config)
     metrics = fusion_comparison_report(scores, out_dir / "report", n_bootstrap=n_bootstrap, seed=seed)
+    # The per-patient held-out scores: `bundle` applies its keep-fusion rule to them and calibrates on them.
+    scores.to_csv(out_dir / "report" / CROSS_FITTED_SCORES_FILE, index=False)
     logger.info("fusion saved to %s; comparison report in %s", out_dir, out_dir / "report")
     return metrics

@@ -15,7 +15,8 @@ The output folder:
   (``input,error``) — appended after every batch;
 * ``predictions.json`` — every prediction, written when the run ends;
 * ``coco.json`` (with ``coco``) — the predicted boxes as a COCO dataset (annotations with
-  ``score``) for detection tools (FiftyOne, CVAT, pycocotools), written when the run ends;
+  ``score`` = ``box_confidence``) for detection tools (FiftyOne, CVAT, pycocotools), written
+  when the run ends;
 * ``overlays/<id>.png`` and ``overlays/<id>_heatmap.png`` — the pictures, per image;
 * ``predict_run.json`` — the bundle and options of the run: a rerun into the same folder
   with another bundle or other options is refused (``overwrite`` starts afresh).
@@ -35,7 +36,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,13 @@ class BatchResult:
     n_errors: int
     n_positive: int
     n_skipped: int = 0  # finished by an earlier run into the same folder
+    n_uncertain: int = 0  # members on both sides of the threshold
+    no_decision: list[tuple[str, list[str]]] = field(default_factory=list)  # (id, reasons): failed the gate
+    model_warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_no_decision(self) -> int:
+        return len(self.no_decision)
 
 
 class _Journal:
@@ -245,14 +253,15 @@ class _Journal:
             [p.id for p in predictions],
             [p.image_size for p in predictions],
             [[[b.x1, b.y1, b.x2, b.y2] for b in p.boxes] for p in predictions],
-            [[b.score for b in p.boxes] for p in predictions],
+            [[b.box_confidence for b in p.boxes] for p in predictions],
             file_names=[Path(source).name for source in self.predictions],
         )
 
 
 def _submission_row(prediction: Prediction) -> dict[str, str]:
+    """The challenge's row: ``box_confidence x y width height`` per box (the one place boxes are xywh)."""
     boxes = [[b.x1, b.y1, b.x2, b.y2] for b in prediction.boxes]
-    scores = [b.score for b in prediction.boxes]
+    scores = [b.box_confidence for b in prediction.boxes]
     return {"patientId": prediction.id, "PredictionString": format_prediction_string(boxes, scores, decimals=4)}
 
 
@@ -282,6 +291,7 @@ def _run_identity(predictor: Predictor, defaults: dict[str, Any], metadata_csv: 
         "metadata_csv_sha256": csv_digest,
         "override": override,
         "with_images": with_images,
+        "model_warnings": list(predictor.warnings),
     }
 
 
@@ -382,11 +392,16 @@ def predict_to_folder(
     journal.write_json()
     if coco:
         journal.write_coco()
-    predictions = journal.predictions.values()
-    result = BatchResult(out_dir, len(journal.predictions), len(journal.errors),
-                         sum(bool(p.get("decision")) for p in predictions), n_skipped)
-    log.info("predicted %d images (%d positive), %d errors -> %s", result.n_predicted, result.n_positive,
-             result.n_errors, out_dir)
+    predictions = list(journal.predictions.values())
+    result = BatchResult(
+        out_dir, len(journal.predictions), len(journal.errors), sum(p.get("decision") is True for p in predictions),
+        n_skipped, n_uncertain=sum(bool(p.get("uncertain")) and p.get("decision") is not None for p in predictions),
+        no_decision=[(p["id"], list(p.get("not_applicable_reasons", []))) for p in predictions
+                     if p.get("decision") is None],
+        model_warnings=list(predictor.warnings),
+    )
+    log.info("predicted %d images (%d positive, %d without a decision), %d errors -> %s", result.n_predicted,
+             result.n_positive, result.n_no_decision, result.n_errors, out_dir)
     return result
 
 

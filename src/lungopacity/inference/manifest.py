@@ -8,15 +8,26 @@ hand-edited ``bundle.json`` is one clear line instead of a ``KeyError`` deep in 
 predictor. The schema has a version (:data:`BUNDLE_FORMAT_VERSION`); a bundle of another
 version is refused with the advice to rebuild it.
 
-Layout of ``bundle.json`` (format version 2)::
+Layout of ``bundle.json`` (format version 3)::
 
     format, format_version, lungopacity_version, created, class_names
-    classifier:  model_config, preprocessing {prepared_size, input_size, window},
-                 members [{file, sha256}], temperature
-    fusion:      null | {dir, features, sha256}
-    detector:    null | {file, sha256, model_config, preprocessing, postprocess}
-    threshold:   {value, rule, sensitivity, specificity, score}
-    model_card:  free-form JSON object (intended use, training data, validation, limits)
+    classifier:    model_config, preprocessing {prepared_size, input_size, window},
+                   members [{file, sha256}], temperature
+    fusion:        null | {dir, features, sha256, temperature}
+    detector:      null | {file, sha256, model_config, preprocessing, postprocess}
+    threshold:     {value, rule, sensitivity, specificity, score}   score: "image" | "fusion"
+    applicability: null | {file, sha256, method, n_components, percentile, thresholds,
+                           n_fit, n_held_out, header {modalities, body_parts, views,
+                           age_range, min_side, max_aspect}}
+    model_card:    JSON object; its ``training_data`` block is typed (:class:`TrainingData`),
+                   the rest (intended use, validation, calibration, decision, limitations)
+                   is for people
+
+Format 3 (this version) added: the component that makes the decision (``threshold.score``
+is ``"image"`` or ``"fusion"``, and a fusion part is present exactly when it is
+``"fusion"``), the calibration temperature of the fused output (``fusion.temperature``),
+the applicability gate (``applicability``) and the typed training-data provenance
+(``model_card.training_data``).
 """
 
 from __future__ import annotations
@@ -26,14 +37,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lungopacity.constants import CLASS_NAMES
 from lungopacity.errors import BundleError
 
 BUNDLE_FORMAT = "lungopacity-bundle"
-BUNDLE_FORMAT_VERSION = 2
+BUNDLE_FORMAT_VERSION = 3
 MANIFEST_FILE = "bundle.json"
-#: What the operating threshold is compared with.
-THRESHOLD_SCORES: tuple[str, ...] = ("classifier", "fused")
+#: The component whose calibrated P(opacity) is the final one and is compared with the
+#: operating threshold (the ``decision_source`` of every prediction).
+THRESHOLD_SCORES: tuple[str, ...] = ("image", "fusion")
+#: Below this many training patients the predictor warns (see :meth:`TrainingData.warnings`):
+#: with fewer, the held-out fold holds too few positives for the AUC to be known within a
+#: few hundredths, and rarer presentations are barely seen in training.
+MIN_TRAINING_PATIENTS = 5000
+
+
+_PROBABILITY_EPS = 1e-7
+
+
+def scale_probability(probability: Any, temperature: float) -> np.ndarray:
+    """``sigmoid(logit(p) / temperature)``: the calibration of the fused output (:attr:`FusionPart.temperature`)."""
+    p = np.clip(np.asarray(probability, dtype=np.float64), _PROBABILITY_EPS, 1 - _PROBABILITY_EPS)
+    return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
 
 
 class _Reader:
@@ -158,11 +185,14 @@ class ClassifierPart:
 
 @dataclass(frozen=True)
 class FusionPart:
-    """The fusion network's folder inside the bundle and the checksum of its weights."""
+    """The fusion network's folder inside the bundle, the checksum of its weights, and the
+    temperature that calibrates its output: ``sigmoid(logit(p) / temperature)``, fitted on
+    the cross-fitted (held-out) fused probabilities."""
 
     dir: str
     features: tuple[str, ...]
     sha256: str
+    temperature: float = 1.0
 
     @property
     def weights(self) -> WeightFile:
@@ -176,7 +206,10 @@ class FusionPart:
         features = reader.get("features", list)
         if not all(isinstance(f, str) for f in features):
             reader.fail("must be a list of names", "features")
-        return cls(folder, tuple(features), weights.sha256)
+        temperature = reader.get("temperature", float)
+        if temperature <= 0:
+            reader.fail(f"must be positive, found {temperature}", "temperature")
+        return cls(folder, tuple(features), weights.sha256, temperature)
 
 
 @dataclass(frozen=True)
@@ -204,7 +237,12 @@ class DetectorPart:
 
 @dataclass(frozen=True)
 class Threshold:
-    """The operating threshold on the final P(opacity) and how it was chosen."""
+    """The operating threshold on the final P(opacity) and how it was chosen.
+
+    ``score`` names the component whose calibrated P(opacity) is final: ``"image"`` (the
+    classifier ensemble) or ``"fusion"`` (the fusion network over metadata and the
+    classifier's probabilities).
+    """
 
     value: float
     rule: str
@@ -223,6 +261,216 @@ class Threshold:
         return cls(value, reader.get("rule", str), reader.get("sensitivity", float), reader.get("specificity", float), score)
 
 
+def _number_pair(reader: _Reader, key: str, *, optional: bool = False) -> tuple[float, float] | None:
+    value = reader.get(key, list, optional=optional)
+    if value is None:
+        return None
+    if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        reader.fail(f"must be [low, high], found {value!r}", key)
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        reader.fail(f"must be [low, high] with low <= high, found {value!r}", key)
+    return (low, high)
+
+
+def _counts(reader: _Reader, key: str) -> dict[str, int]:
+    value = reader.get(key, dict)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()):
+        reader.fail("must map names to counts (non-negative integers)", key)
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def _names(reader: _Reader, key: str) -> tuple[str, ...]:
+    value = reader.get(key, list)
+    if not all(isinstance(v, str) for v in value):
+        reader.fail("must be a list of names", key)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the bundle's models were trained on: ``model_card.training_data`` (written by ``bundle``).
+
+    Attributes:
+        synthetic: True when the training images are lungopacity's synthetic phantoms
+            (their DICOMs carry the marker ``io`` reads as ``header["synthetic"]``), False
+            when none of the sampled source files does, None when it could not be checked.
+        synthetic_evidence: how ``synthetic`` was decided (files sampled, markers found).
+        source_folder: the name of the data folder the cache was prepared from.
+        n_patients: patients the classifier was trained and validated on.
+        patients_per_class: patients per class name.
+        views: patients per view (``AP``, ``PA``, ``unknown``).
+        sexes: patients per sex (``M``, ``F``, ``unknown``).
+        age_range: [youngest, oldest] known age in years, None when no age is known.
+        image_rows, image_cols: [smallest, largest] original image side in pixels.
+        prepared_size: side of the prepared (cached) image the networks saw.
+    """
+
+    synthetic: bool | None
+    synthetic_evidence: str
+    source_folder: str | None
+    n_patients: int
+    patients_per_class: dict[str, int]
+    views: dict[str, int]
+    sexes: dict[str, int]
+    age_range: tuple[float, float] | None
+    image_rows: tuple[float, float]
+    image_cols: tuple[float, float]
+    prepared_size: int
+
+    @classmethod
+    def read(cls, reader: _Reader) -> TrainingData:
+        synthetic = reader.get("synthetic", bool, optional=True)
+        return cls(
+            synthetic=synthetic,
+            synthetic_evidence=reader.get("synthetic_evidence", str),
+            source_folder=reader.get("source_folder", str, optional=True),
+            n_patients=reader.positive_int("n_patients"),
+            patients_per_class=_counts(reader, "patients_per_class"),
+            views=_counts(reader, "views"),
+            sexes=_counts(reader, "sexes"),
+            age_range=_number_pair(reader, "age_range", optional=True),
+            image_rows=_number_pair(reader, "image_rows"),  # type: ignore[arg-type]
+            image_cols=_number_pair(reader, "image_cols"),  # type: ignore[arg-type]
+            prepared_size=reader.positive_int("prepared_size"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("age_range", "image_rows", "image_cols"):
+            data[key] = None if data[key] is None else list(data[key])
+        return data
+
+    def warnings(self) -> list[str]:
+        """What a person must know before trusting a reading of this bundle (one sentence each)."""
+        out = []
+        if self.synthetic:
+            out.append(
+                "This model was trained on synthetic phantom images, not on real radiographs: "
+                "its readings of real X-rays mean nothing (a demonstration model)."
+            )
+        elif self.synthetic is None:
+            out.append("Whether this model was trained on real radiographs could not be checked.")
+        if self.n_patients < MIN_TRAINING_PATIENTS:
+            out.append(
+                f"This model was trained on {self.n_patients:,} patients, fewer than {MIN_TRAINING_PATIENTS:,}: "
+                "its accuracy is known only roughly and rarer presentations were barely seen."
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """The header checks of the applicability gate (a value absent from the header is not checked).
+
+    Attributes:
+        modalities: accepted DICOM Modality values (radiographs: CR, DX).
+        body_parts: accepted BodyPartExamined values.
+        views: accepted ViewPosition values (frontal views the model was trained on).
+        age_range: [youngest, oldest] training age in years; None: not checked.
+        min_side: smallest accepted side of the original image, pixels.
+        max_aspect: largest accepted long side / short side.
+    """
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST",)
+    views: tuple[str, ...] = ("AP", "PA")
+    age_range: tuple[float, float] | None = None
+    min_side: int = 64
+    max_aspect: float = 1.5
+
+    @classmethod
+    def read(cls, reader: _Reader) -> HeaderRules:
+        max_aspect = reader.get("max_aspect", float)
+        if max_aspect < 1.0:
+            reader.fail(f"must be at least 1, found {max_aspect}", "max_aspect")
+        return cls(
+            modalities=_names(reader, "modalities"),
+            body_parts=_names(reader, "body_parts"),
+            views=_names(reader, "views"),
+            age_range=_number_pair(reader, "age_range", optional=True),
+            min_side=reader.positive_int("min_side"),
+            max_aspect=max_aspect,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["age_range"] = None if self.age_range is None else list(self.age_range)
+        for key in ("modalities", "body_parts", "views"):
+            data[key] = list(data[key])
+        return data
+
+
+#: Distance methods the runtime knows (:mod:`lungopacity.inference.applicability`).
+APPLICABILITY_METHODS: tuple[str, ...] = ("ppca-mahalanobis",)
+
+
+@dataclass(frozen=True)
+class ApplicabilityPart:
+    """The applicability gate: header rules and a per-member model of the classifier's pooled features.
+
+    For member ``k`` the file holds the mean, the leading principal axes and variances and
+    the residual variance of its pooled features on the images it trained on; its
+    ``thresholds[k]`` is the ``percentile`` of the distance over images it did not train
+    on (its validation fold). An image fails when the mean over members of
+    ``distance_k / thresholds[k]`` exceeds 1.
+
+    Attributes:
+        weights: the ``applicability.safetensors`` file and its SHA-256.
+        method: the distance (``"ppca-mahalanobis"``).
+        n_components: principal axes kept per member.
+        percentile: the percentile of held-out distances used as threshold.
+        thresholds: one threshold per classifier member.
+        n_fit, n_held_out: images per member used to fit the model and to set the threshold.
+        header: the header checks.
+    """
+
+    weights: WeightFile
+    method: str
+    n_components: int
+    percentile: float
+    thresholds: tuple[float, ...]
+    n_fit: tuple[int, ...]
+    n_held_out: tuple[int, ...]
+    header: HeaderRules
+
+    @classmethod
+    def read(cls, reader: _Reader) -> ApplicabilityPart:
+        method = reader.get("method", str)
+        if method not in APPLICABILITY_METHODS:
+            reader.fail(f"must be one of {', '.join(APPLICABILITY_METHODS)}, found {method!r}", "method")
+        percentile = reader.get("percentile", float)
+        if not 0.0 < percentile <= 100.0:
+            reader.fail(f"must be in (0, 100], found {percentile}", "percentile")
+        thresholds = reader.get("thresholds", list)
+        if not thresholds or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in thresholds):
+            reader.fail("must be a non-empty list of positive numbers", "thresholds")
+        counts = {}
+        for key in ("n_fit", "n_held_out"):
+            values = reader.get(key, list)
+            if len(values) != len(thresholds) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                reader.fail(f"must hold one count per threshold ({len(thresholds)})", key)
+            counts[key] = tuple(values)
+        return cls(
+            weights=WeightFile.read(reader),
+            method=method,
+            n_components=reader.positive_int("n_components"),
+            percentile=percentile,
+            thresholds=tuple(float(t) for t in thresholds),
+            n_fit=counts["n_fit"],
+            n_held_out=counts["n_held_out"],
+            header=HeaderRules.read(reader.child("header")),  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.weights.file, "sha256": self.weights.sha256, "method": self.method,
+            "n_components": self.n_components, "percentile": self.percentile,
+            "thresholds": list(self.thresholds), "n_fit": list(self.n_fit), "n_held_out": list(self.n_held_out),
+            "header": self.header.to_dict(),
+        }
+
+
 @dataclass(frozen=True)
 class BundleManifest:
     """``bundle.json``: what is in the bundle and how to use it."""
@@ -233,9 +481,27 @@ class BundleManifest:
     threshold: Threshold
     fusion: FusionPart | None = None
     detector: DetectorPart | None = None
+    applicability: ApplicabilityPart | None = None
     model_card: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = CLASS_NAMES
     format_version: int = BUNDLE_FORMAT_VERSION
+
+    @property
+    def decision_source(self) -> str:
+        """``"image"`` or ``"fusion"``: whose calibrated P(opacity) is the final one."""
+        return self.threshold.score
+
+    @property
+    def training_data(self) -> TrainingData:
+        """The typed ``model_card.training_data`` (checked when the manifest was read)."""
+        return TrainingData.read(_Reader(self.model_card.get("training_data"), "model_card.training_data", MANIFEST_FILE))
+
+    def warnings(self) -> list[str]:
+        """Warnings every reading of this bundle carries (training data, missing image check)."""
+        out = self.training_data.warnings()
+        if self.applicability is None:
+            out.append("This bundle has no applicability model: images unlike the training data are not detected.")
+        return out
 
     @property
     def weight_files(self) -> list[WeightFile]:
@@ -245,6 +511,8 @@ class BundleManifest:
             files.append(self.fusion.weights)
         if self.detector is not None:
             files.append(self.detector.weights)
+        if self.applicability is not None:
+            files.append(self.applicability.weights)
         return files
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,9 +531,11 @@ class BundleManifest:
             },
             "fusion": None if self.fusion is None else {
                 "dir": self.fusion.dir, "features": list(self.fusion.features), "sha256": self.fusion.sha256,
+                "temperature": self.fusion.temperature,
             },
             "detector": None if self.detector is None else self.detector.to_dict(),
             "threshold": asdict(self.threshold),
+            "applicability": None if self.applicability is None else self.applicability.to_dict(),
             "model_card": self.model_card,
         }
 
@@ -292,28 +562,47 @@ class BundleManifest:
             top.fail(f"classes {class_names} differ from {list(CLASS_NAMES)}", "class_names")
         fusion = top.child("fusion", optional=True)
         detector = top.child("detector", optional=True)
+        applicability = top.child("applicability", optional=True)
+        classifier = ClassifierPart.read(top.child("classifier"))  # type: ignore[arg-type]
+        threshold = Threshold.read(top.child("threshold"))  # type: ignore[arg-type]
+        card = top.child("model_card")
+        TrainingData.read(card.child("training_data"))  # type: ignore[union-attr,arg-type]
+        if (threshold.score == "fusion") != (fusion is not None):
+            top.fail(f"threshold.score is {threshold.score!r} but the bundle {'has' if fusion else 'has no'} fusion part",
+                     "threshold")
+        gate = ApplicabilityPart.read(applicability) if applicability is not None else None
+        if gate is not None and len(gate.thresholds) != len(classifier.members):
+            top.fail(f"{len(gate.thresholds)} thresholds for {len(classifier.members)} classifier members",
+                     "applicability.thresholds")
         return cls(
             lungopacity_version=top.get("lungopacity_version", str),
             created=top.get("created", str),
-            classifier=ClassifierPart.read(top.child("classifier")),  # type: ignore[arg-type]
-            threshold=Threshold.read(top.child("threshold")),  # type: ignore[arg-type]
+            classifier=classifier,
+            threshold=threshold,
             fusion=FusionPart.read(fusion) if fusion is not None else None,
             detector=DetectorPart.read(detector) if detector is not None else None,
-            model_card=top.get("model_card", dict, optional=True) or {},
+            applicability=gate,
+            model_card=card.data,  # type: ignore[union-attr]
             class_names=tuple(class_names),
             format_version=version,
         )
 
 
 __all__ = [
+    "APPLICABILITY_METHODS",
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
     "MANIFEST_FILE",
+    "MIN_TRAINING_PATIENTS",
+    "ApplicabilityPart",
     "BundleManifest",
+    "HeaderRules",
+    "TrainingData",
     "ClassifierPart",
     "DetectorPart",
     "FusionPart",
     "Preprocessing",
     "Threshold",
     "WeightFile",
+    "scale_probability",
 ]

@@ -1,7 +1,9 @@
 """ONNX export of a bundle's networks, and running them with ONNX Runtime.
 
 * The classifier ensemble is one graph: image ``(B, 1, S, S)`` in [0, 1] -> averaged
-  logits ``(B, 3)`` (normalisation inside, as in PyTorch).
+  logits ``(B, 3)``, every member's logits ``(B, K, 3)`` and pooled features ``(B, K, D)``
+  (normalisation inside, as in PyTorch): the member spread and the applicability gate
+  need the last two.
 * The RetinaNet detector is exported up to its dense outputs (class logits and box
   deltas for every anchor). Its anchors depend only on the input size, so they are
   computed once at export and stored beside the graph; decoding, the per-level top-k,
@@ -33,14 +35,20 @@ OPSET = 17
 
 
 class ClassifierEnsemble(nn.Module):
-    """The bundle's classifiers as one module: mean of the members' logits."""
+    """The bundle's classifiers as one module: mean logits, each member's logits and pooled features."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(0)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, features = [], []
+        for member in self.members:
+            feature_map = member.forward_features(x)
+            features.append(member.forward_head(feature_map, pre_logits=True).flatten(1))
+            logits.append(member.forward_head(feature_map))
+        member_logits = torch.stack(logits, dim=1)
+        return member_logits.mean(1), member_logits, torch.stack(features, dim=1)
 
 
 class DenseRetinaNet(nn.Module):
@@ -87,7 +95,8 @@ def export_onnx(bundle_dir: str | Path) -> dict[str, Path]:
     written: dict[str, Path] = {}
     size = manifest.classifier.preprocessing.input_size
     ensemble = ClassifierEnsemble(load_classifiers(bundle_dir, manifest, device)).eval()
-    _export(ensemble, torch.rand(2, 1, size, size), out / "classifier.onnx", ["image"], ["logits"])
+    _export(ensemble, torch.rand(2, 1, size, size), out / "classifier.onnx", ["image"],
+            ["logits", "member_logits", "member_features"])
     written["classifier"] = out / "classifier.onnx"
 
     detector = load_detector(bundle_dir, manifest, device)
@@ -172,6 +181,13 @@ class OnnxModels:
 
     def classifier_logits(self, x: np.ndarray) -> np.ndarray:
         return self.classifier.run(None, {"image": x.astype(np.float32)})[0]
+
+    def member_outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Members' logits ``(K, B, 3)`` and pooled features ``(K, B, D)`` (None from an export without them)."""
+        outputs = self.classifier.run(None, {"image": x.astype(np.float32)})
+        if len(outputs) < 3:
+            return outputs[0][None], None
+        return np.transpose(outputs[1], (1, 0, 2)), np.transpose(outputs[2], (1, 0, 2))
 
     def detect(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         from lungopacity.postprocess import nms

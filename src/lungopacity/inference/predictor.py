@@ -2,11 +2,19 @@
 
 For each image: decode it to the prepared size exactly as the training cache did, and
 make the network input with the same function training used
-(:mod:`lungopacity.data.preprocess`), run the classifier ensemble (logits averaged, divided by the
-calibration temperature), fuse the class probabilities with sex / age / view (the
-fusion network and its missing-data rule), compare with the operating threshold, and
-find the opacity boxes with the detector (scores gated by P(opacity), post-processed
-as tuned on validation). Boxes come back in original pixels.
+(:mod:`lungopacity.data.preprocess`); run every classifier member (logits and pooled
+features in one pass); average the logits and divide by the calibration temperature:
+``image_probability`` is that P(opacity). When the bundle's decision source is the fusion
+network, it takes sex / age / view and the ensemble's *uncalibrated* class probabilities
+(what it was trained on: the out-of-fold probabilities), and its output is calibrated by
+its own temperature. That calibrated probability of the deciding component is
+``opacity_probability``; the same computed with each member alone gives the spread
+(``member_*``, ``uncertain``). The applicability gate (header checks and the feature
+distance, :mod:`lungopacity.inference.applicability`) decides whether the image gets a
+decision at all. Boxes come from the detector, their scores multiplied by the
+classifier's uncalibrated P(opacity) when the post-processing gates (the quantity it was
+tuned with), post-processed as tuned on validation, in original pixels, and only for a
+positive decision. docs/OUTPUTS.md defines every field.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from lungopacity.constants import CLASS_KEYS, LUNG_OPACITY
 from lungopacity.data.preprocess import decode_prepared, network_input
 from lungopacity.devices import resolve_device
 from lungopacity.errors import BundleError, ConfigError
+from lungopacity.inference.applicability import Applicability, ApplicabilityGate, dicom_tags, member_outputs
 from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
-from lungopacity.inference.manifest import BundleManifest, Preprocessing
+from lungopacity.inference.manifest import BundleManifest, Preprocessing, scale_probability
 from lungopacity.inference.metadata import METADATA_FIELDS, SOURCE_MISSING, resolve_metadata
 from lungopacity.inference.schemas import Box, Prediction, Reading
 from lungopacity.io.errors import ImageReadError
@@ -55,6 +64,14 @@ class ImageInput:
     max_pixels: int = DEFAULT_MAX_PIXELS
     window: str = "none"
     _pixels: np.ndarray | None = field(default=None, repr=False)
+    _tags: dict[str, str | None] | None = field(default=None, repr=False)
+
+    @property
+    def tags(self) -> dict[str, str | None]:
+        """Modality, body part and raw view of a DICOM ({} for other formats), read once."""
+        if self._tags is None:
+            self._tags = dicom_tags(self.data)
+        return self._tags
 
     @property
     def size(self) -> tuple[int, int]:
@@ -82,6 +99,9 @@ class Predictor:
         self.detector_preprocessing = manifest.detector.preprocessing if manifest.detector else None
         self.postprocess = PostprocessConfig.from_dict(manifest.detector.postprocess) if manifest.detector else None
         self.threshold = manifest.threshold.value
+        self.decision_source = manifest.decision_source
+        self.gate = ApplicabilityGate.from_bundle(path, manifest.applicability)
+        self.warnings: list[str] = manifest.warnings()
         self.onnx = None
         # Each (prepared size, window policy) a network was trained on: decoded once per file.
         self.prepared_keys = sorted(
@@ -171,14 +191,16 @@ class Predictor:
 
     # -------------------------------------------------------------- prediction
 
-    @torch.no_grad()
-    def classify(self, x: torch.Tensor) -> np.ndarray:
-        """Calibrated class probabilities (B, 3) for network inputs in [0, 1]."""
+    def member_logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every member's logits ``(K, B, 3)`` and pooled features ``(K, B, D)`` (None if the runtime has none)."""
         if self.onnx is not None:
-            logits = self.onnx.classifier_logits(x.cpu().numpy())
-        else:
-            logits = torch.stack([m(x).float() for m in self.classifiers]).mean(0).cpu().numpy()
-        return softmax(logits.astype(np.float64), self.temperature)
+            return self.onnx.member_outputs(x.cpu().numpy())
+        return member_outputs(self.classifiers, x)
+
+    def classify(self, x: torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities (B, 3) of the ensemble for network inputs in [0, 1]."""
+        logits, _ = self.member_logits_and_features(x)
+        return softmax(logits.mean(0).astype(np.float64), self.temperature)
 
     @torch.no_grad()
     def detect(self, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -187,6 +209,23 @@ class Predictor:
             return self.onnx.detect(x.cpu().numpy())
         outputs = self.detector([img for img in x])  # type: ignore[misc]
         return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy()) for o in outputs]
+
+    def _fused(self, metadata: list[dict[str, Any]], probabilities: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Calibrated fused P(opacity) from uncalibrated class probabilities ``(B, 3)``, and the raw prediction."""
+        assert self.fusion is not None and self.manifest.fusion is not None
+        rows = [{**meta, **{f"p_{k}": float(p[i]) for i, k in enumerate(CLASS_KEYS)}}
+                for meta, p in zip(metadata, probabilities)]
+        fused = self.fusion.predict(rows)
+        raw = np.asarray(fused.probability, dtype=np.float64).reshape(-1)
+        return scale_probability(raw, self.manifest.fusion.temperature), fused
+
+    def _imputed(self, missing: list[str]) -> dict[str, float]:
+        """The fusion input values that replaced the missing fields (training statistics)."""
+        encoder = self.fusion.encoder
+        values = {"sex": ("sex_male", encoder.fraction_male), "age": ("age", encoder.median_age_years),
+                  "view": ("view_ap", encoder.fraction_ap)}
+        return {values[k][0]: round(float(values[k][1]), 4) for k in missing
+                if k in values and values[k][0] in encoder.features and values[k][1] is not None}
 
     def predict_images(
         self,
@@ -207,29 +246,43 @@ class Predictor:
             return []
         given = given or [None] * len(images)
         t0 = time.perf_counter()
-        probs = self.classify(self.classifier_input(images))
+        member_logits, member_features = self.member_logits_and_features(self.classifier_input(images))
+        member_logits = member_logits.astype(np.float64)
+        mean_logits = member_logits.mean(0)
+        probs = softmax(mean_logits, self.temperature)  # calibrated: what is reported
+        raw = softmax(mean_logits)  # uncalibrated: the fusion input and the box gating factor
         t1 = time.perf_counter()
         resolved = [resolve_metadata(img.header, g, override=override) for img, g in zip(images, given)]
         metadata = [values for values, _ in resolved]
-        if self.fusion is not None:
-            rows = [{**meta, **{f"p_{k}": float(p[i]) for i, k in enumerate(CLASS_KEYS)}} for meta, p in zip(metadata, probs)]
-            fused = self.fusion.predict(rows)
-            opacity = np.asarray(fused.probability, dtype=np.float64).reshape(-1)
+        if self.decision_source == "fusion":
+            opacity, fused = self._fused(metadata, raw)
+            members = np.stack([self._fused(metadata, softmax(z))[0] for z in member_logits])
             missing = [fused.missing_fields(i) for i in range(len(images))]
         else:
             opacity = probs[:, LUNG_OPACITY]
+            members = np.stack([softmax(z, self.temperature)[:, LUNG_OPACITY] for z in member_logits])
             missing = [[k for k in METADATA_FIELDS if sources[k] == SOURCE_MISSING] for _, sources in resolved]
+        distances = self.gate.feature_distance(member_features) if member_features is not None else None
+        verdicts = [
+            self.gate.check(img.size, meta, img.tags, None if distances is None else float(distances[i]),
+                            modality=img.header.get("modality"))
+            for i, (img, meta) in enumerate(zip(images, metadata))
+        ]
         t2 = time.perf_counter()
+        gates = self.postprocess is not None and self.postprocess.gating != "none"
         boxes_per_image: list[list[Box]] = [[] for _ in images]
-        if self.detector is not None or (self.onnx is not None and self.onnx.has_detector):
-            raw = self.detect(self.detector_input(images))
-            for i, (img, (boxes, scores)) in enumerate(zip(images, raw)):
-                boxes_per_image[i] = self._final_boxes(img, boxes, scores, float(opacity[i]))
+        has_detector = self.detector is not None or (self.onnx is not None and self.onnx.has_detector)
+        if has_detector:
+            for i, (img, (boxes, scores)) in enumerate(zip(images, self.detect(self.detector_input(images)))):
+                boxes_per_image[i] = self._final_boxes(img, boxes, scores, float(raw[i, LUNG_OPACITY]))
         t3 = time.perf_counter()
         predictions = []
         n = len(images)
         for i, img in enumerate(images):
-            decision = bool(opacity[i] >= self.threshold)
+            verdict = verdicts[i]
+            decision = bool(opacity[i] >= self.threshold) if verdict.applicable else None
+            spread = members[:, i]
+            boxes = boxes_per_image[i] if decision else []
             predictions.append(
                 Prediction(
                     id=img.id,
@@ -237,30 +290,50 @@ class Predictor:
                     opacity_probability=float(opacity[i]),
                     decision=decision,
                     threshold=self.threshold,
-                    boxes=boxes_per_image[i] if decision else [],
+                    image_probability=float(probs[i, LUNG_OPACITY]),
+                    decision_source=self.decision_source,
+                    boxes=boxes,
+                    boxes_note=_boxes_note(decision, verdict, has_detector, boxes),
+                    box_gating_factor=round(float(raw[i, LUNG_OPACITY]), 4) if has_detector and gates else None,
+                    member_probabilities=[round(float(v), 4) for v in spread],
+                    member_std=float(spread.std()),
+                    member_min=float(spread.min()),
+                    member_max=float(spread.max()),
+                    uncertain=bool(spread.min() < self.threshold <= spread.max()),
+                    applicable=verdict.applicable,
+                    not_applicable_reasons=verdict.reasons,
+                    unchecked=verdict.unchecked,
+                    feature_distance=verdict.feature_distance,
                     metadata=metadata[i],
                     metadata_source=resolved[i][1],
                     missing=missing[i],
+                    imputed=self._imputed(missing[i]) if self.decision_source == "fusion" else {},
                     image_size=img.size,
                     timings={
                         "read": round(img.read_seconds, 4),
                         "classify": round((t1 - t0) / n, 4),
-                        "fuse": round((t2 - t1) / n, 4),
+                        "fuse_and_check": round((t2 - t1) / n, 4),
                         "detect": round((t3 - t2) / n, 4),
                     },
                     model_version=self.version,
+                    model_warnings=list(self.warnings),
                 )
             )
         return predictions
 
-    def _final_boxes(self, img: ImageInput, boxes: np.ndarray, scores: np.ndarray, p_opacity: float) -> list[Box]:
+    def _final_boxes(self, img: ImageInput, boxes: np.ndarray, scores: np.ndarray, gating_factor: float) -> list[Box]:
+        """Post-processed boxes in original pixels; ``box_confidence`` = detector score x gating factor."""
         assert self.detector_preprocessing is not None and self.postprocess is not None
         rows, cols = img.size
         side = float(self.detector_preprocessing.input_size)
         scale = np.array([cols, rows, cols, rows], dtype=np.float32) / side
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
-        boxes, scores = apply_postprocess(boxes, np.asarray(scores, dtype=np.float32), p_opacity, self.postprocess)
-        return [Box(*(round(float(v), 1) for v in b), score=round(float(s), 4)) for b, s in zip(boxes, scores)]
+        boxes, confidence = apply_postprocess(boxes, np.asarray(scores, dtype=np.float32), gating_factor,
+                                              self.postprocess)
+        factor = gating_factor if self.postprocess.gating != "none" else 1.0
+        return [Box(*(round(float(v), 1) for v in b), box_confidence=round(float(c), 4),
+                    detector_score=round(float(c) / factor, 4) if factor > 0 else None)
+                for b, c in zip(boxes, confidence)]
 
     # ------------------------------------------------------------- pictures
 
@@ -279,7 +352,7 @@ class Predictor:
         sy = display.shape[0] / image.size[0]
         sx = display.shape[1] / image.size[1]
         boxes = np.array([[b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy] for b in prediction.boxes], dtype=np.float32).reshape(-1, 4)
-        scores = np.array([b.score for b in prediction.boxes], dtype=np.float32)
+        scores = np.array([b.box_confidence for b in prediction.boxes], dtype=np.float32)
         overlay = overlay_png(display, None, boxes, scores)
         heat_png = None
         if heatmap is not None:
@@ -391,6 +464,17 @@ class Predictor:
             log.warning("%s: pictures could not be drawn; the reading is kept without them", image.id, exc_info=True)
             return Reading(prediction)
         return Reading(prediction, overlay, heat)
+
+
+def _boxes_note(decision: bool | None, verdict: Applicability, has_detector: bool, boxes: list[Box]) -> str | None:
+    """Why there is no box where a reader would expect one (None when nothing needs saying)."""
+    if decision is None:
+        return "no decision: the image failed the applicability check, so no boxes are given"
+    if not decision or boxes:
+        return None
+    if not has_detector:
+        return "opacity found, but this bundle has no detector: no location is given"
+    return "opacity found, but no box passed the detector's threshold: the location is not known"
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pandas as pd
 from lungopacity.constants import CLASS_KEYS, CLASS_NAMES, LUNG_OPACITY, VIEWS
 from lungopacity.metrics.classification import roc_curve
 from lungopacity.reports.plots import new_figure, plot_confusion_matrix, plot_roc_curves, save_figure
+from lungopacity.reports.text import interval as format_interval
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _fmt_ci(interval: Sequence[float] | None) -> str:
-    return "n/a" if interval is None else f"{interval[0]:.3f} - {interval[1]:.3f}"
+    return format_interval(interval)
 
 
 def _roc_label(name: str, auc: float | None, interval: Sequence[float] | None) -> str:
     label = f"{name}: AUC {_fmt(auc)}"
-    return label + (f" [{_fmt_ci(interval)}]" if interval is not None else "")
+    return label + (f" {_fmt_ci(interval)}" if interval is not None else "")
 
 
 def roc_per_class_figure(predictions: pd.DataFrame, metrics: Mapping[str, Any], path: str | Path) -> Path | None:

@@ -119,20 +119,37 @@ def metrics_by_view(
 def select_cases(
     per_image: np.ndarray, n_gt: np.ndarray, n_pred: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the best and worst scored patients.
+    """Indices of the best and worst scored patients; no patient is on both sheets.
 
     Best: the highest image scores among patients with ground truth (a true negative is
     not interesting to look at). Worst: the lowest image scores, most boxes involved
-    first (a missed pair of opacities before a single false alarm). Patients that are
-    left out of the metric (no boxes either way) are never picked.
+    first (a missed pair of opacities before a single false alarm), among the patients
+    not already shown as best. When fewer than ``2 * count`` patients are scored, the
+    best sheet takes at most half of them (rounded up) so the worst sheet is not empty.
+    Patients that are left out of the metric (no boxes either way) are never picked.
     """
     per_image = np.asarray(per_image, dtype=np.float64)
     n_gt, n_pred = np.asarray(n_gt), np.asarray(n_pred)
     counted = np.flatnonzero(~np.isnan(per_image))
     positive = counted[n_gt[counted] > 0]
-    best = positive[np.lexsort((-(n_gt[positive]), -per_image[positive]))][:count]
-    worst = counted[np.lexsort((-(n_gt[counted] + n_pred[counted]), per_image[counted]))][:count]
+    n_best = min(count, -(-len(counted) // 2)) if len(counted) < 2 * count else count
+    best = positive[np.lexsort((-(n_gt[positive]), -per_image[positive]))][:n_best]
+    rest = counted[~np.isin(counted, best)]
+    worst = rest[np.lexsort((-(n_gt[rest] + n_pred[rest]), per_image[rest]))][:count]
     return best, worst
+
+
+def note_sheet(text: str, width: int = 480, height: int = 120) -> bytes:
+    """A PNG holding one line of text: what a case sheet shows when no patient is left for it."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (width, height), 235)
+    ImageDraw.Draw(image).multiline_text((12, 12), text, fill=20)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def case_sheet(

@@ -30,6 +30,7 @@ from lungopacity.metrics.classification import (
 )
 from lungopacity.models.fusion import MISSING_FIELDS, SCORE_COLUMNS
 from lungopacity.reports.plots import new_figure, plot_roc_curves, save_figure
+from lungopacity.reports.text import interval as format_interval
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +159,14 @@ def _markdown(metrics: Mapping[str, Any]) -> str:
     ]
     for name, entry in metrics["models"].items():
         low, high = entry["ci95"]
-        lines.append(f"| {name} | `{entry['column']}` | {entry['auc']:.4f} | {low:.4f} - {high:.4f} |")
+        lines.append(f"| {name} | `{entry['column']}` | {entry['auc']:.4f} | {format_interval((low, high), 4)} |")
     lines += ["", "## Paired tests", "", "| comparison | AUC difference | DeLong z | DeLong p | "
               "bootstrap 95 % CI of the difference | bootstrap p |", "|---|---|---|---|---|---|"]
     for name, entry in metrics["comparisons"].items():
         low, high = entry["bootstrap_difference_ci95"]
         z = "inf" if entry["delong_z"] is None else f"{entry['delong_z']:.2f}"
         lines.append(f"| {name.replace('_', ' ')} | {entry['auc_difference']:+.4f} | {z} | {entry['delong_p']:.3g} | "
-                     f"{low:+.4f} - {high:+.4f} | {entry['bootstrap_p']:.3g} |")
+                     f"{format_interval((low, high), 4, signed=True)} | {entry['bootstrap_p']:.3g} |")
     if metrics["missing_inputs"]:
         counts = ", ".join(f"{name} {count}" for name, count in metrics["missing_inputs"].items())
         lines += ["", f"Imputed (missing) metadata inputs: {counts}."]

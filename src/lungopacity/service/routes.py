@@ -140,6 +140,8 @@ def build_router(
             max_upload_bytes=settings.max_upload_bytes,
             formats=list(ACCEPTED_FORMATS),
             disclaimer=DISCLAIMER,
+            # A test fake may not know its warnings; a real predictor always does.
+            model_warnings=list(getattr(predictor, "warnings", []) or []) if predictor is not None else [],
         )
 
     @router.post(

@@ -22,13 +22,17 @@ DISCLAIMER = (
 
 
 class BoxOut(BaseModel):
-    """One opacity box, xyxy in the pixels of the uploaded image."""
+    """One opacity box, xyxy in the pixels of the uploaded image (docs/OUTPUTS.md)."""
 
     x1: float
     y1: float
     x2: float
     y2: float
-    score: float = Field(description="the box's confidence in [0, 1]")
+    box_confidence: float = Field(
+        description="detector score x box_gating_factor, in [0, 1]: the box's confidence after gating"
+    )
+    detector_score: float | None = Field(None, description="the detector's own score for the box, before gating")
+    score: float = Field(description="the same as box_confidence (kept for older clients)")
 
 
 class UploadInfo(BaseModel):
@@ -49,13 +53,33 @@ class PredictResponse(BaseModel):
     probabilities: dict[str, float] = Field(
         description="the classifier's class probabilities keyed normal, not_normal, lung_opacity"
     )
-    opacity_probability: float = Field(description="the final (fused) P(opacity)")
-    decision: bool = Field(description="True when opacity_probability >= threshold")
+    image_probability: float | None = Field(None, description="the classifier ensemble's calibrated P(opacity)")
+    opacity_probability: float = Field(
+        description="the final calibrated P(opacity) of the component the bundle chose (decision_source)"
+    )
+    decision_source: str = Field("image", description="which component produced the decision: image | fusion")
+    decision: bool | None = Field(
+        description="True when opacity_probability >= threshold; null when the image is outside what the model "
+        "was trained on (not_applicable_reasons say why): no finding either way"
+    )
     threshold: float
+    applicable: bool = Field(True, description="False when the applicability gate refused the image")
+    not_applicable_reasons: list[str] = Field(default_factory=list, description="why there is no decision")
+    unchecked: list[str] = Field(default_factory=list, description="applicability checks that could not be made")
+    uncertain: bool = Field(False, description="the ensemble's members fall on both sides of the threshold")
+    member_probabilities: list[float] = Field(default_factory=list, description="each member's P(opacity)")
     boxes: list[BoxOut] = Field(description="opacity boxes, xyxy in original pixels")
+    boxes_note: str | None = Field(None, description="why a positive decision has no box, when it has none")
     image_size: list[int] = Field(description="[rows, cols] of the uploaded image")
     metadata: dict[str, Any] = Field(description="the sex / age / view used")
+    metadata_source: dict[str, str] = Field(
+        default_factory=dict, description="where each of sex / age / view came from: header | given | missing"
+    )
     missing: list[str] = Field(description="metadata inputs that were missing and imputed")
+    imputed: dict[str, float] = Field(default_factory=dict, description="the values used in place of missing ones")
+    model_warnings: list[str] = Field(
+        default_factory=list, description="what to know about the model, e.g. trained on synthetic data"
+    )
     timings: dict[str, float] = Field(description="seconds per stage; queue_wait and server_total added by the service")
     upload: UploadInfo
     overlay_png: str | None = Field(None, description="the image with boxes, as a data:image/png;base64 URL")
@@ -96,6 +120,9 @@ class InfoResponse(BaseModel):
     max_upload_bytes: int
     formats: list[str]
     disclaimer: str
+    model_warnings: list[str] = Field(
+        default_factory=list, description="what to know about the model, e.g. trained on synthetic data"
+    )
 
 
 def summary_text(prediction: Prediction) -> str:
@@ -104,7 +131,12 @@ def summary_text(prediction: Prediction) -> str:
     >>> from lungopacity.inference import Prediction
     >>> summary_text(Prediction("a", {}, 0.834, True, 0.5))
     'Signs of lung opacity found (probability 0.83)'
+    >>> summary_text(Prediction("a", {}, 0.9, None, 0.5, not_applicable_reasons=["modality MR is not CR or DX"]))
+    'No reading: the image is outside what the model was trained on (modality MR is not CR or DX)'
     """
+    if prediction.decision is None:
+        reasons = "; ".join(prediction.not_applicable_reasons) or "the applicability checks failed"
+        return f"No reading: the image is outside what the model was trained on ({reasons})"
     if prediction.decision:
         return f"Signs of lung opacity found (probability {prediction.opacity_probability:.2f})"
     return f"No lung opacity found (probability {prediction.opacity_probability:.2f})"
@@ -136,13 +168,25 @@ def predict_response(reading: Reading, upload: UploadInfo, *, queue_wait: float,
         summary=summary_text(prediction),
         disclaimer=DISCLAIMER,
         probabilities={key: float(value) for key, value in prediction.probabilities.items()},
+        image_probability=prediction.image_probability,
         opacity_probability=float(prediction.opacity_probability),
-        decision=bool(prediction.decision),
+        decision_source=prediction.decision_source,
+        decision=None if prediction.decision is None else bool(prediction.decision),
         threshold=float(prediction.threshold),
-        boxes=[BoxOut(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, score=b.score) for b in prediction.boxes],
+        applicable=prediction.applicable,
+        not_applicable_reasons=list(prediction.not_applicable_reasons),
+        unchecked=list(prediction.unchecked),
+        uncertain=bool(prediction.uncertain),
+        member_probabilities=list(prediction.member_probabilities),
+        boxes=[BoxOut(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, box_confidence=b.box_confidence,
+                      detector_score=b.detector_score, score=b.box_confidence) for b in prediction.boxes],
+        boxes_note=prediction.boxes_note,
         image_size=[int(v) for v in prediction.image_size],
         metadata=dict(prediction.metadata),
+        metadata_source=dict(prediction.metadata_source),
         missing=list(prediction.missing),
+        imputed=dict(prediction.imputed),
+        model_warnings=list(prediction.model_warnings),
         timings=timings,
         upload=upload,
         overlay_png=png_data_url(reading.overlay_png),
