@@ -420,6 +420,11 @@ def predict_command(
     runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (after `lungopacity export-onnx`)."),
     images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
+    dicom_out: Optional[Path] = typer.Option(
+        None, "--dicom-out",
+        help="Also write DICOM results of each DICOM input into DIR/<id>/: SR (TID 1500), GSPS (boxes), "
+             "Secondary Capture (overlay burned in), in the source's study. PNG/JPEG inputs get none.",
+    ),
 ) -> None:
     """Read X-rays with a bundle: class probabilities, fused P(opacity), decision and boxes.
 
@@ -434,7 +439,7 @@ def predict_command(
     try:
         result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=sex, age=age, view=view,
                                    override=override, batch_size=batch_size, with_images=images,
-                                   overwrite=overwrite, progress=bar)
+                                   overwrite=overwrite, progress=bar, dicom_out=dicom_out)
     finally:
         bar.close()
     images_read = f"{result.n_predicted} image{'s' if result.n_predicted != 1 else ''} read"
@@ -444,6 +449,11 @@ def predict_command(
         f"error{'s' if result.n_errors != 1 else ''}; results in {out}/predictions.csv"
         + (f", errors in {out}/errors.csv" if result.n_errors else "")
     )
+    if dicom_out is not None:
+        notes = [f"{n} {what}" for n, what in ((result.n_not_dicom, "not DICOM"), (result.n_dicom_failed, "failed"))
+                 if n]
+        typer.echo(f"DICOM results (SR, GSPS, SC) for {result.n_dicom} image{'s' if result.n_dicom != 1 else ''} "
+                   f"in {dicom_out}" + (f" ({', '.join(notes)}: see the log)" if notes else ""))
 
 
 @app.command("export-onnx")
@@ -478,6 +488,50 @@ def serve_command(
     typer.echo(f"serving {bundle} at http://{host}:{port}/ (API: POST /v1/predict, docs: /openapi.json)")
     serve(bundle, host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20),
           max_concurrent=concurrency, max_queue=queue)
+
+
+@app.command("listen")
+@user_errors
+def listen_command(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
+    ae_title: str = typer.Option("LUNGOPACITY", "--ae-title", help="The node's AE title (what the PACS calls it)."),
+    port: int = typer.Option(11112, "--port", help="DICOM port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for every interface."),
+    send_to: str = typer.Option(..., "--send-to", help="HOST:PORT:AET that receives the results by C-STORE."),
+    stow: Optional[str] = typer.Option(None, "--stow", help="DICOMweb root URL; results also go by STOW-RS."),
+    spool: Path = typer.Option(Path("lungopacity-spool"), "--spool",
+                               help="Folder that holds received instances and results until they are sent."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Threads reading instances."),
+    queue: int = typer.Option(32, "--queue", min=1,
+                              help="Instances waiting to be read; one more is refused as out of resources."),
+    allowed_ae: Optional[list[str]] = typer.Option(
+        None, "--allowed-ae", help="Calling AE title allowed to send (repeat the option; default: any)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+) -> None:
+    """Run a DICOM node: receive radiographs by C-STORE, read them, send SR + GSPS + SC back.
+
+    Accepts CR, DX and Secondary Capture images; keeps every received instance in the
+    spool until its results are delivered, so a restart loses and repeats nothing.
+    Stops on SIGTERM or Ctrl-C.
+    """
+    import signal
+
+    from lungopacity.inference.predictor import Predictor
+    from lungopacity.node import DicomNode, NodeConfig, parse_destination
+
+    config = NodeConfig(ae_title=ae_title, port=port, host=host, destination=parse_destination(send_to),
+                        stow_url=stow, spool=spool, workers=workers, queue_size=queue,
+                        allowed_ae=tuple(allowed_ae or ()))
+    node = DicomNode(Predictor.from_bundle(bundle, device=device), config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: node.request_stop())
+    node.start()
+    typer.echo(f"listening as {config.ae_title} on {host}:{node.port}; results to {config.destination}"
+               + (f" and {stow}" if stow else "") + f"; spool {spool}")
+    try:
+        node.wait()
+    finally:
+        node.stop()
 
 
 @app.command("demo")
