@@ -303,3 +303,24 @@ def test_results_for_an_upload(tiny_demo: Any, tmp_path: Path) -> None:
     body, _ = multipart_related(results.encoded().values())
     assert body.count(b"Content-Type: application/dicom") == 3
     assert encode_dataset(results.sr)[128:132] == b"DICM"
+
+
+def test_dicom_runtime_loads_no_training_code_and_no_matplotlib(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    (source,) = rsna_or_synthetic(tmp_path)
+    code = (
+        "import sys, json\n"
+        "import lungopacity.node\n"
+        "from lungopacity.inference.dicom_output import build_dicom_results\n"
+        "from test_dicom_output import ALGORITHM, prediction_for\n"
+        "from pathlib import Path\n"
+        f"p = Path({str(source)!r})\n"
+        "build_dicom_results(p.read_bytes(), prediction_for(p), ALGORITHM)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'lungopacity.engine')))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

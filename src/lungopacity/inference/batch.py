@@ -345,6 +345,10 @@ def predict_to_folder(
     per_id = read_metadata_overrides(csv_path) if csv_path else {}
     files, unmatched = expand_inputs(inputs)
     dicom_dir = Path(dicom_out) if dicom_out is not None else None
+    if dicom_dir is not None:
+        from lungopacity.inference.dicom_output import require_dicom_libraries
+
+        require_dicom_libraries("--dicom-out")
     _start_folder(out_dir, _run_identity(predictor, defaults, csv_path, override, with_images, dicom_dir), overwrite)
     dicom_counts = {"n_dicom": 0, "n_not_dicom": 0, "n_dicom_failed": 0}
 

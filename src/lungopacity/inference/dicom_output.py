@@ -37,7 +37,6 @@ Only DICOM inputs get DICOM outputs: a PNG or JPEG has no study to join.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import hashlib
 import io
 import logging
@@ -176,6 +175,19 @@ def derived_uid(*parts: str) -> str:
 def short_hash(text: str) -> str:
     """A 12-character hash that names an instance in logs without identifying it."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def require_dicom_libraries(option: str, modules: tuple[str, ...] = ("highdicom",)) -> None:
+    """Fail early, as one line, when the optional DICOM libraries are not installed.
+
+    Raises:
+        ConfigError: naming ``option`` and the install command.
+    """
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(option, f"needs {' and '.join(missing)}: pip install 'lungopacity[dicom]'")
 
 
 # -------------------------------------------------------------------- inputs
@@ -418,14 +430,11 @@ def _quiet_highdicom() -> None:
 
 
 def _common(algorithm: AlgorithmInfo, kind: str) -> dict[str, Any]:
-    now = _dt.datetime.now()
     return {
         "manufacturer": MANUFACTURER,
         "series_number": SERIES_NUMBERS[kind],
         "instance_number": 1,
         "series_description": SERIES_DESCRIPTIONS[kind],
-        "content_date": now.date(),
-        "content_time": now.time().replace(microsecond=0),
     }
 
 
@@ -517,7 +526,6 @@ def _build_sr(ref: Dataset, prediction: Prediction, algorithm: AlgorithmInfo, op
         series_number=common["series_number"], instance_number=common["instance_number"],
         manufacturer=MANUFACTURER, series_description=common["series_description"],
         manufacturer_model_name=algorithm.name, software_versions=algorithm.software_version or None,
-        content_date=common["content_date"], content_time=common["content_time"],
     )
     return sr
 
@@ -552,6 +560,9 @@ def _build_gsps(ref: Dataset, prediction: Prediction, algorithm: AlgorithmInfo, 
         content_creator_name="lungopacity^algorithm",
     )
     _copy_laterality(ref, gsps)
+    for keyword in ("ContentDate", "ContentTime"):  # older highdicom adds them; the GSPS IOD has none
+        if keyword in gsps:
+            delattr(gsps, keyword)
     return gsps
 
 
@@ -589,7 +600,6 @@ def _build_sc(ref: Dataset, pixels: np.ndarray, prediction: Prediction, algorith
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         series_description=common["series_description"], manufacturer_model_name=algorithm.name[:64],
         software_versions=algorithm.software_version or None,
-        content_date=common["content_date"], content_time=common["content_time"],
     )
     if len(orientation) != 2:
         sc.PatientOrientation = ref.get("PatientOrientation", "") or ""
@@ -699,6 +709,7 @@ def dicom_results_for_upload(
     if not is_dicom(data):
         raise ImageReadError(name, "not a DICOM file: DICOM results (SR, presentation state, "
                                    "secondary capture) are made only for DICOM inputs")
+    require_dicom_libraries("format=dicom")
     if reading is None:
         reading = predictor.read(data, name, sex=sex, age=age, view=view, with_images=False)
     return reading, dicom_results_for_reading(data, reading, predictor, name=name)
@@ -773,6 +784,7 @@ __all__ = [
     "is_dicom",
     "multipart_related",
     "read_sr_summary",
+    "require_dicom_libraries",
     "short_hash",
     "source_dataset",
     "write_dicom_results",

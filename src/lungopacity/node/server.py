@@ -32,7 +32,7 @@ from typing import Any
 
 from lungopacity.errors import ConfigError, LungOpacityError
 from lungopacity.inference.dicom_output import (
-    RESULT_FILES, RESULT_KINDS, AlgorithmInfo, build_dicom_results, write_dicom_results,
+    RESULT_FILES, RESULT_KINDS, AlgorithmInfo, build_dicom_results, require_dicom_libraries, write_dicom_results,
 )
 from lungopacity.node.network import (
     ACCEPTED_SOP_CLASSES, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -86,6 +86,7 @@ class NodeConfig:
     network_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        require_dicom_libraries("listen", ("pynetdicom", "highdicom"))
         self.ae_title = check_ae_title(self.ae_title, "--ae-title")
         self.allowed_ae = tuple(check_ae_title(a, "--allowed-ae") for a in self.allowed_ae)
         if not 0 <= int(self.port) <= 65535:
