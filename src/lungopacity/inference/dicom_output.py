@@ -442,10 +442,22 @@ def _build_sr(ref: Dataset, prediction: Prediction, algorithm: AlgorithmInfo, op
               sop_uid: str, series_uid: str) -> Dataset:
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from highdicom.sr import (
-        AlgorithmIdentification, ComprehensiveSR, DeviceObserverIdentifyingAttributes, FindingSite, ImageRegion,
-        Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
-        PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation, SourceImageForMeasurementGroup,
-        SourceImageForRegion, TextContentItem, TrackingIdentifier,
+        AlgorithmIdentification,
+        ComprehensiveSR,
+        DeviceObserverIdentifyingAttributes,
+        FindingSite,
+        ImageRegion,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        SourceImageForRegion,
+        TextContentItem,
+        TrackingIdentifier,
     )
     from highdicom.sr.enum import GraphicTypeValues, RelationshipTypeValues
     from pydicom.sr.codedict import codes
@@ -533,8 +545,13 @@ def _build_sr(ref: Dataset, prediction: Prediction, algorithm: AlgorithmInfo, op
 def _build_gsps(ref: Dataset, prediction: Prediction, algorithm: AlgorithmInfo, sop_uid: str,
                 series_uid: str) -> Dataset:
     from highdicom.pr import (
-        AnnotationUnitsValues, GraphicAnnotation, GraphicLayer, GraphicObject, GraphicTypeValues,
-        GrayscaleSoftcopyPresentationState, TextObject,
+        AnnotationUnitsValues,
+        GraphicAnnotation,
+        GraphicLayer,
+        GraphicObject,
+        GraphicTypeValues,
+        GrayscaleSoftcopyPresentationState,
+        TextObject,
     )
 
     rows, cols = int(ref.Rows), int(ref.Columns)

@@ -32,12 +32,28 @@ from typing import Any
 
 from lungopacity.errors import ConfigError, LungOpacityError
 from lungopacity.inference.dicom_output import (
-    RESULT_FILES, RESULT_KINDS, AlgorithmInfo, build_dicom_results, require_dicom_libraries, write_dicom_results,
+    RESULT_FILES,
+    RESULT_KINDS,
+    AlgorithmInfo,
+    build_dicom_results,
+    require_dicom_libraries,
+    write_dicom_results,
 )
 from lungopacity.node.network import (
-    ACCEPTED_SOP_CLASSES, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SOP_CLASS_NOT_SUPPORTED,
-    STATUS_SUCCESS, VERIFICATION, Destination, SendError, accepted_transfer_syntaxes, check_ae_title,
-    check_stow_url, quiet_dicom_libraries, send_c_store, stow,
+    ACCEPTED_SOP_CLASSES,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    STATUS_SUCCESS,
+    VERIFICATION,
+    Destination,
+    SendError,
+    accepted_transfer_syntaxes,
+    check_ae_title,
+    check_stow_url,
+    quiet_dicom_libraries,
+    send_c_store,
+    stow,
 )
 from lungopacity.node.spool import Spool, instance_key, log_id
 
