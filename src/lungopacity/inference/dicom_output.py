@@ -592,14 +592,10 @@ def _build_sc(ref: Dataset, pixels: np.ndarray, prediction: Prediction, algorith
 
     rows, cols = int(ref.Rows), int(ref.Columns)
     if pixels.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {pixels.shape}")
-    scale = min(1.0, SC_MAX_SIDE / max(pixels.shape))
-    if scale < 1.0:
-        from PIL import Image
+        raise ImageReadError("source", f"expected a 2-D image, got shape {pixels.shape}")
+    from lungopacity.inference.predictor import _display_pixels  # the pictures' one downscale
 
-        size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-                            .resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    pixels = _display_pixels(np.asarray(pixels, dtype=np.float32), longest=SC_MAX_SIDE)
     sy, sx = pixels.shape[0] / rows, pixels.shape[1] / cols
     boxes = np.array([[b.x1, b.y1, b.x2, b.y2] for b in prediction.boxes], dtype=np.float64).reshape(-1, 4)
     scores = np.array([box_score(b) for b in prediction.boxes], dtype=np.float64)
