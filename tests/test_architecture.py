@@ -42,12 +42,13 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"__init__", "constants", "errors", "devices", "io", "data", "metrics", "models", "postprocess", "reports",
                "inference"},
     "service": {"__init__", "constants", "errors", "inference"},
+    "node": {"__init__", "constants", "errors", "devices", "io", "inference"},
     "demo": {"__init__", "constants", "errors", "devices", "io", "data", "metrics", "models", "postprocess", "reports",
              "inference", "engine", "synthetic"},
     "cli": {"__init__", "constants", "errors", "devices", "io", "data", "metrics", "models", "postprocess", "reports",
-            "inference", "engine", "synthetic", "service", "demo"},
+            "inference", "engine", "synthetic", "service", "node", "demo"},
 }
-RUNTIME_PARTS = ("inference", "service")
+RUNTIME_PARTS = ("inference", "service", "node")
 TRAINING_PART = "engine"
 #: Built-in exceptions that the package must not raise bare for a user's mistake.
 BARE_ERRORS = {"ValueError", "FileNotFoundError", "FileExistsError", "KeyError", "OSError", "IOError"}

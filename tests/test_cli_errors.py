@@ -71,12 +71,14 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "predict": (["predict", str(image), "--bundle", str(bundle), "--out", str(tmp / "pred")], "tampered-model"),
         "export-onnx": (["export-onnx", str(bundle)], "tampered-model"),
         "serve": (["serve", "--bundle", str(bundle), "--port", "1"], "tampered-model"),
+        "listen": (["listen", "--bundle", str(bundle), "--port", "0", "--send-to", "127.0.0.1:104:PACS",
+                    "--spool", str(tmp / "spool")], "tampered-model"),
         "demo": (["demo", "--out", str(not_a_folder)], "a-file"),
     }
 
 
 COMMANDS = ("demo-data", "prepare", "train-classifier", "evaluate-classifier", "train-detector", "evaluate-detector",
-            "score", "train-fusion", "bundle", "predict", "export-onnx", "serve", "demo")
+            "score", "train-fusion", "bundle", "predict", "export-onnx", "serve", "listen", "demo")
 
 
 def test_every_command_is_covered() -> None:

@@ -28,7 +28,7 @@ app = typer.Typer(
         "Lung opacity (pneumonia) identification on chest X-rays.\n\n"
         "Typical order: demo-data (or the RSNA download) -> prepare -> train-classifier -> "
         "evaluate-classifier -> train-fusion -> train-detector -> evaluate-detector -> bundle -> "
-        "predict / serve."
+        "predict / serve / listen."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -572,6 +572,11 @@ def predict_command(
     images: bool = typer.Option(True, "--images/--no-images", help="Write overlay and Grad-CAM PNGs."),
     coco: bool = typer.Option(False, "--coco", help="Also write the boxes as a COCO dataset (OUT/coco.json)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the results already in --out and start afresh."),
+    dicom_out: Optional[Path] = typer.Option(
+        None, "--dicom-out",
+        help="Also write DICOM results of each DICOM input into DIR/<id>/: SR (TID 1500), GSPS (boxes), "
+             "Secondary Capture (overlay burned in), in the source's study. PNG/JPEG inputs get none.",
+    ),
 ) -> None:
     """Read X-rays with a bundle: the final P(opacity), its source, decision, uncertainty and boxes.
 
@@ -589,7 +594,7 @@ def predict_command(
         result = predict_to_folder(predictor, inputs, out, metadata_csv=metadata_csv, sex=_value(sex), age=age,
                                    view=_value(view),
                                    override=override, batch_size=batch_size, with_images=images, coco=coco,
-                                   overwrite=overwrite, progress=bar)
+                                   overwrite=overwrite, progress=bar, dicom_out=dicom_out)
     finally:
         bar.close()
     for image_id, reasons in result.no_decision[:MAX_LISTED]:
@@ -606,6 +611,11 @@ def predict_command(
     )
     for warning in result.model_warnings:
         typer.echo(f"warning: {warning}")
+    if dicom_out is not None:
+        notes = [f"{n} {what}" for n, what in ((result.n_not_dicom, "not DICOM"), (result.n_dicom_failed, "failed"))
+                 if n]
+        typer.echo(f"DICOM results (SR, GSPS, SC) for {result.n_dicom} image{'s' if result.n_dicom != 1 else ''} "
+                   f"in {dicom_out}" + (f" ({', '.join(notes)}: see the log)" if notes else ""))
 
 
 #: Images without a decision listed by `predict` (the rest are in predictions.csv).
@@ -695,6 +705,53 @@ def serve_command(
           max_concurrent=concurrency, max_queue=queue, max_uploads=max_uploads,
           upload_timeout=upload_timeout, stall_timeout=stall_timeout, header_timeout=header_timeout,
           keep_alive_timeout=keep_alive_timeout, token=token or None, allowed_hosts=hosts)
+
+
+@app.command("listen")
+@user_errors
+def listen_command(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Model bundle folder."),
+    ae_title: str = typer.Option("LUNGOPACITY", "--ae-title", help="The node's AE title (what the PACS calls it)."),
+    port: int = typer.Option(11112, "--port", min=0, max=65535, help="DICOM port to listen on (0: a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for every interface."),
+    send_to: str = typer.Option(..., "--send-to", help="HOST:PORT:AET that receives the results by C-STORE."),
+    stow: Optional[str] = typer.Option(None, "--stow", help="DICOMweb root URL; results also go by STOW-RS."),
+    spool: Path = typer.Option(Path("lungopacity-spool"), "--spool",
+                               help="Folder that holds received instances and results until they are sent."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Threads reading instances."),
+    queue: int = typer.Option(32, "--queue", min=1,
+                              help="Instances waiting to be read; one more is refused as out of resources."),
+    allowed_ae: Optional[list[str]] = typer.Option(
+        None, "--allowed-ae", help="Calling AE title allowed to send (repeat the option; default: any)."),
+    device: str = _device_option(),
+) -> None:
+    """Run a DICOM node: receive radiographs by C-STORE, read them, send SR + GSPS + SC back.
+
+    Accepts CR, DX and Secondary Capture images; keeps every received instance in the
+    spool until its results are delivered, so a restart loses and repeats nothing.
+    Stops on SIGTERM or Ctrl-C.
+    """
+    import signal
+
+    from lungopacity.inference.predictor import Predictor
+    from lungopacity.node import DicomNode, NodeConfig, parse_destination
+
+    config = NodeConfig(ae_title=ae_title, port=port, host=host, destination=parse_destination(send_to),
+                        stow_url=stow, spool=spool, workers=workers, queue_size=queue,
+                        allowed_ae=tuple(allowed_ae or ()))
+    node = DicomNode(Predictor.from_bundle(bundle, device=device), config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: node.request_stop())
+    node.start()
+    typer.echo(f"listening as {config.ae_title} on {host}:{node.port}; results to {config.destination}"
+               + (f" and {stow}" if stow else "") + f"; spool {spool}")
+    try:
+        node.wait()
+    finally:
+        node.stop()
+        counts = node.counts()
+        typer.echo(f"stopped; the spool holds {counts.get('received', 0)} to read and "
+                   f"{counts.get('processed', 0)} to send (a restart with the same --spool continues)")
 
 
 @app.command("demo")

@@ -19,7 +19,10 @@ The output folder:
   when the run ends;
 * ``overlays/<id>.png`` and ``overlays/<id>_heatmap.png`` — the pictures, per image;
 * ``predict_run.json`` — the bundle and options of the run: a rerun into the same folder
-  with another bundle or other options is refused (``overwrite`` starts afresh).
+  with another bundle or other options is refused (``overwrite`` starts afresh);
+* with ``dicom_out``, ``<dicom_out>/<id>/SR.dcm``, ``GSPS.dcm``, ``SC.dcm`` for every DICOM
+  input (:mod:`lungopacity.inference.dicom_output`), written before the batch is journaled;
+  PNG/JPEG inputs get none (a log line says so).
 
 Ids are the file name without extension; where two inputs share it, the name with its
 extension, then the parent folder's name joined with ``_``, then a short hash of the
@@ -166,6 +169,9 @@ class BatchResult:
     n_uncertain: int = 0  # members on both sides of the threshold
     no_decision: list[tuple[str, list[str]]] = field(default_factory=list)  # (id, reasons): failed the gate
     model_warnings: list[str] = field(default_factory=list)
+    n_dicom: int = 0  # inputs given DICOM results (SR, GSPS, SC) by this run
+    n_not_dicom: int = 0  # predicted inputs that are not DICOM, so got no DICOM results
+    n_dicom_failed: int = 0  # DICOM inputs whose results could not be built (logged)
 
     @property
     def n_no_decision(self) -> int:
@@ -281,9 +287,9 @@ def _append_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | Non
 
 
 def _run_identity(predictor: Predictor, defaults: dict[str, Any], metadata_csv: Path | None, override: bool,
-                  with_images: bool) -> dict[str, Any]:
+                  with_images: bool, dicom_out: Path | None = None) -> dict[str, Any]:
     csv_digest = hashlib.sha256(metadata_csv.read_bytes()).hexdigest() if metadata_csv else None
-    return {
+    identity = {
         "bundle": str(Path(predictor.path).resolve()),
         "bundle_created": predictor.manifest.created,
         "model_version": predictor.version,
@@ -293,6 +299,9 @@ def _run_identity(predictor: Predictor, defaults: dict[str, Any], metadata_csv: 
         "with_images": with_images,
         "model_warnings": list(predictor.warnings),
     }
+    if dicom_out is not None:  # only then: folders of runs without it keep matching
+        identity["dicom_out"] = str(dicom_out.resolve())
+    return identity
 
 
 def _start_folder(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
@@ -308,7 +317,8 @@ def _start_folder(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> N
         except ValueError:
             previous = None
         if previous != identity:
-            changed = sorted(k for k in identity if not isinstance(previous, dict) or previous.get(k) != identity[k])
+            keys = set(identity) | (set(previous) if isinstance(previous, dict) else set())
+            changed = sorted(k for k in keys if not isinstance(previous, dict) or previous.get(k) != identity.get(k))
             raise ConfigError(out_dir, f"holds predictions of another run (different {', '.join(changed)}); "
                                        "choose another --out, or pass --overwrite to replace them")
     elif (out_dir / JOURNAL_FILE).exists() or (out_dir / PREDICTIONS_CSV).exists():
@@ -331,6 +341,7 @@ def predict_to_folder(
     coco: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    dicom_out: str | Path | None = None,
 ) -> BatchResult:
     """Predict every input and write the result files (see the module docstring).
 
@@ -346,6 +357,8 @@ def predict_to_folder(
         coco: also write the boxes as a COCO dataset (``coco.json``).
         overwrite: discard the results already in ``out_dir`` and start afresh.
         progress: ``progress(done, total)``, called once before the first batch and after each.
+        dicom_out: also write DICOM results (SR, GSPS, Secondary Capture) of each DICOM
+            input into ``dicom_out/<id>/``.
 
     Raises:
         ConfigError: a bad option value, or ``out_dir`` holds another run's results.
@@ -359,7 +372,13 @@ def predict_to_folder(
     csv_path = Path(metadata_csv) if metadata_csv else None
     per_id = read_metadata_overrides(csv_path) if csv_path else {}
     files, unmatched = expand_inputs(inputs)
-    _start_folder(out_dir, _run_identity(predictor, defaults, csv_path, override, with_images), overwrite)
+    dicom_dir = Path(dicom_out) if dicom_out is not None else None
+    if dicom_dir is not None:
+        from lungopacity.inference.dicom_output import require_dicom_libraries
+
+        require_dicom_libraries("--dicom-out")
+    _start_folder(out_dir, _run_identity(predictor, defaults, csv_path, override, with_images, dicom_dir), overwrite)
+    dicom_counts = {"n_dicom": 0, "n_not_dicom": 0, "n_dicom_failed": 0}
 
     journal = _Journal(out_dir)
     journal.rewrite_views()
@@ -384,6 +403,8 @@ def predict_to_folder(
                 for suffix, picture in (("", reading.overlay_png), ("_heatmap", reading.heatmap_png)):
                     if picture:
                         _write_atomic(overlays / f"{reading.prediction.id}{suffix}.png", picture)
+        if dicom_dir is not None:
+            _write_dicom_outputs(predictor, outcome.readings, dicom_dir, dicom_counts)
         journal.append([(str(path), r.prediction) for path, r in outcome.readings],
                        [(str(path), reason) for path, reason in outcome.errors])
         finished += len(outcome.readings) + len(outcome.errors)
@@ -398,11 +419,39 @@ def predict_to_folder(
         n_skipped, n_uncertain=sum(bool(p.get("uncertain")) and p.get("decision") is not None for p in predictions),
         no_decision=[(p["id"], list(p.get("not_applicable_reasons", []))) for p in predictions
                      if p.get("decision") is None],
-        model_warnings=list(predictor.warnings),
+        model_warnings=list(predictor.warnings), **dicom_counts,
     )
     log.info("predicted %d images (%d positive, %d without a decision), %d errors -> %s", result.n_predicted,
              result.n_positive, result.n_no_decision, result.n_errors, out_dir)
     return result
+
+
+def _write_dicom_outputs(predictor: Predictor, readings: list[tuple[Path, Any]], folder: Path,
+                         counts: dict[str, int]) -> None:
+    """DICOM results of a batch's DICOM inputs; a failure is logged and the batch goes on."""
+    from lungopacity.errors import LungOpacityError
+    from lungopacity.inference.dicom_output import AlgorithmInfo, build_dicom_results, is_dicom, write_dicom_results
+
+    algorithm = AlgorithmInfo.from_predictor(predictor)
+    for path, reading in readings:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            counts["n_dicom_failed"] += 1
+            log.warning("%s: no DICOM results (cannot read the file again: %s)", path, exc.strerror or exc)
+            continue
+        if not is_dicom(data):
+            counts["n_not_dicom"] += 1
+            log.info("%s: not a DICOM file, so no DICOM results (SR, GSPS, SC) are made for it", path)
+            continue
+        try:
+            results = build_dicom_results(data, reading.prediction, algorithm, name=str(path))
+            write_dicom_results(results, folder / reading.prediction.id)
+        except (LungOpacityError, OSError) as exc:
+            counts["n_dicom_failed"] += 1
+            log.warning("%s", exc if isinstance(exc, LungOpacityError) else f"{path}: DICOM results not written ({exc})")
+            continue
+        counts["n_dicom"] += 1
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
