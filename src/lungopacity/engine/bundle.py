@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from lungopacity import __version__
-from lungopacity.constants import CLASS_KEYS, CLASS_NAMES, LUNG_OPACITY
+from lungopacity.constants import CLASS_NAMES, LUNG_OPACITY
 from lungopacity.engine.calibration import (
     CalibrationSummary,
     calibration_summary,
@@ -56,7 +56,9 @@ from lungopacity.engine.calibration import (
     fit_probability_temperature,
     opacity_from_logits,
 )
+from lungopacity.data.cache import PreparedCache
 from lungopacity.engine.checkpoint import atomic_write_json
+from lungopacity.engine.runs import LOGIT_COLUMNS, ClassifierRun, load_classifier_run
 from lungopacity.errors import RunFolderError
 from lungopacity.inference.applicability import APPLICABILITY_FILE
 from lungopacity.inference.bundle import sha256_file
@@ -85,7 +87,6 @@ from lungopacity.metrics.classification import (
 
 log = logging.getLogger(__name__)
 
-LOGIT_COLUMNS = tuple(f"logit_{key}" for key in CLASS_KEYS)
 
 
 def _save_tensors(module: torch.nn.Module, path: Path) -> str:
@@ -98,42 +99,16 @@ def _save_tensors(module: torch.nn.Module, path: Path) -> str:
 # The only calls into the training code; the integrator adapts them to the typed run folders.
 
 
-def _run_members(classifier_run: Path) -> tuple[list[torch.nn.Module], dict[str, Any]]:
-    """The run's fold models (eval mode, CPU) and its config."""
-    from lungopacity.engine.classifier import load_run_models
-
-    try:
-        return load_run_models(classifier_run)
-    except FileNotFoundError as exc:
-        raise RunFolderError(classifier_run, str(exc).split(": ", 1)[-1]) from None
-
-
-def _member_held_out_ids(classifier_run: Path, n_members: int) -> list[set[str]]:
+def _member_held_out_ids(run: ClassifierRun, n_members: int) -> list[set[str]]:
     """Per member, the patients it did not train on: its fold's validation predictions."""
     held = []
     for k in range(n_members):
-        path = classifier_run / f"fold_{k}" / "val_predictions.csv"
+        path = run.val_predictions_path(k)
         if not path.exists():
             raise RunFolderError(path, "missing: the run's validation predictions tell which patients member "
                                        f"{k} did not train on")
         held.append(set(pd.read_csv(path, dtype={"patientId": str}, usecols=["patientId"])["patientId"]))
     return held
-
-
-def _open_cache(path: Path) -> Any:
-    from lungopacity.data.cache import PreparedCache
-
-    return PreparedCache(path)
-
-
-def _validation_logits(classifier_run: Path) -> pd.DataFrame:
-    """The run's held-out logits: oof.csv (k-fold) or the validation predictions of fold 0."""
-    for candidate in (classifier_run / "oof.csv", classifier_run / "fold_0" / "val_predictions.csv"):
-        if candidate.exists():
-            table = pd.read_csv(candidate, dtype={"patientId": str})
-            if all(c in table.columns for c in LOGIT_COLUMNS):
-                return table
-    raise RunFolderError(classifier_run, "no held-out predictions (oof.csv or fold_0/val_predictions.csv)")
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -411,11 +386,12 @@ def build_bundle(
     from lungopacity.engine.applicability import MAX_IMAGES, PERCENTILE, fit_members, header_rules
 
     out, classifier_run = Path(out), Path(classifier_run)
-    models, run_config = _run_members(classifier_run)
-    cache = _open_cache(Path(cache_dir) if cache_dir else Path(run_config["cache"]["path"]))
+    run = load_classifier_run(classifier_run)
+    models = run.load_models()
+    cache = PreparedCache(Path(cache_dir) if cache_dir else run.cache.path)
     table = cache.table.iloc[cache.indices()].reset_index(drop=True)
-    held_out = _validation_logits(classifier_run)
-    held_ids = _member_held_out_ids(classifier_run, len(models))
+    held_out = run.held_out_predictions()
+    held_ids = _member_held_out_ids(run, len(models))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -479,7 +455,7 @@ def build_bundle(
             detector_entry = replace(detector_entry, postprocess=read_postprocess_choice(Path(detector_postprocess)))
         validation.update({f"detector_{k}": v for k, v in detector_metrics.items()})
 
-    input_size = int(run_config["input_size"])
+    input_size = run.input_size
     fits = fit_members(models, held_ids, table, cache.image, input_size, device=device,
                        max_images=max_gate_images or MAX_IMAGES)
     tensors: dict[str, torch.Tensor] = {}
@@ -499,10 +475,9 @@ def build_bundle(
         lungopacity_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         classifier=ClassifierPart(
-            model_config=run_config["model"],
+            model_config=run.model_config,
             preprocessing=Preprocessing(
-                prepared_size=int(run_config["cache"]["size"]), input_size=input_size,
-                window=str(run_config["cache"].get("window", "none")),
+                prepared_size=run.cache.size, input_size=input_size, window=run.cache.window,
             ),
             members=tuple(members),
             temperature=image_calibration.temperature,
@@ -518,8 +493,8 @@ def build_bundle(
                 "qualified clinician together with the clinical picture."
             ),
             "training_data": data.to_dict(),
-            "model": {"classifier_backbone": run_config["model"].get("backbone"), "members": len(members),
-                      "classifier_training": run_config.get("train")},
+            "model": {"classifier_backbone": run.model_config.get("backbone"), "members": len(members),
+                      "classifier_training": run.train.to_dict()},
             "decision": decision_card,
             "validation": validation,
             "calibration": calibration_card,
