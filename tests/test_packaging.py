@@ -32,6 +32,8 @@ EXTRAS_OF_PART: dict[str, tuple[str, ...]] = {
     "inference/onnx.py": ("onnx",),
     "models/pretrained.py": ("weights",),  # imports the weight packages by name, when asked for
     "engine/tensorboard.py": ("tensorboard",),
+    "inference/dicom_output.py": ("dicom",),  # SR/GSPS/SC: highdicom, imported only for DICOM results
+    "node/": ("dicom",),  # the DICOM node: pynetdicom
 }
 
 # Import names whose distribution cannot be found from the installed metadata when the
