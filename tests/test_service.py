@@ -47,15 +47,22 @@ class FakePredictor:
     unless overridden), everything else with Pillow; what neither can decode raises
     ``InputError``. ``hold`` (an Event) makes every read wait for it, to fill the
     service's slots; ``started`` counts reads that began; ``fail`` makes reads raise it.
+    Its pictures are what the real predictor's are for the page: the image as a grey JPEG
+    and, with ``with_heatmap``, a red RGBA glow over the central half at half the size.
+    ``no_decision`` (reasons) makes every reading one without a decision (the
+    applicability gate refused it); ``warnings`` are the model's warnings on every reading.
     """
 
     version = "fake-1.0"
     model_card = {"name": "fake", "threshold": 0.5}
     threshold = 0.5
 
-    def __init__(self, hold: threading.Event | None = None, fail: Exception | None = None) -> None:
+    def __init__(self, hold: threading.Event | None = None, fail: Exception | None = None, *,
+                 no_decision: list[str] | None = None, warnings: list[str] | None = None) -> None:
         self.hold = hold
         self.fail = fail
+        self.no_decision = list(no_decision or [])
+        self.warnings: list[str] = list(warnings or [])
         self.calls: list[dict[str, Any]] = []
         self.started = threading.Semaphore(0)
 
@@ -92,8 +99,10 @@ class FakePredictor:
         age: float | None = None,
         view: str | None = None,
         with_images: bool = True,
+        with_heatmap: bool = False,
     ) -> Reading:
-        self.calls.append({"name": name, "sex": sex, "age": age, "view": view, "with_images": with_images, "n": len(data)})
+        self.calls.append({"name": name, "sex": sex, "age": age, "view": view, "with_images": with_images,
+                           "with_heatmap": with_heatmap, "n": len(data)})
         self.started.release()
         if self.hold is not None and not self.hold.wait(timeout=20):
             raise RuntimeError("FakePredictor was never released")
@@ -103,8 +112,10 @@ class FakePredictor:
         rows, cols = pixels.shape
         p_opacity = round(float(pixels.mean()), 4)
         rest = (1.0 - p_opacity) / 2
-        decision = p_opacity >= self.threshold
+        decision: bool | None = p_opacity >= self.threshold
         boxes = [Box(cols / 4, rows / 4, 3 * cols / 4, 3 * rows / 4, p_opacity)] if decision else []
+        if self.no_decision:
+            decision, boxes = None, []
         metadata = {"sex": sex or header["sex"], "age": age if age is not None else header["age"], "view": view or header["view"]}
         prediction = Prediction(
             id=name,
@@ -118,21 +129,28 @@ class FakePredictor:
             image_size=(rows, cols),
             timings={"read": 0.001, "total": 0.002},
             model_version=self.version,
+            applicable=not self.no_decision,
+            not_applicable_reasons=list(self.no_decision),
+            boxes_note="no decision: the image failed the applicability check, so no boxes are given"
+            if self.no_decision else None,
         )
-        overlay = heatmap = None
+        reading = Reading(prediction=prediction)
+        if self.warnings:
+            prediction.model_warnings = list(self.warnings)
         if with_images:
-            picture = Image.fromarray(np.uint8(np.round(pixels * 255))).convert("RGB")
-            draw = ImageDraw.Draw(picture)
-            for box in boxes:
-                draw.rectangle((box.x1, box.y1, box.x2, box.y2), outline=(255, 0, 0), width=max(1, cols // 100))
-            overlay = _png_bytes(picture)
-            # A red glow over the central half on the grey image, like a Grad-CAM overlay.
-            ys, xs = np.mgrid[0:rows, 0:cols]
-            glow = np.exp(-(((xs - cols / 2) / (cols / 4)) ** 2 + ((ys - rows / 2) / (rows / 4)) ** 2))
-            rest = pixels * (1 - glow)
-            rgb = np.stack([rest + glow, rest, rest], axis=-1)
-            heatmap = _png_bytes(Image.fromarray(np.uint8(np.round(rgb * 255))))
-        return Reading(prediction=prediction, overlay_png=overlay, heatmap_png=heatmap)
+            buffer = io.BytesIO()
+            Image.fromarray(np.uint8(np.round(pixels * 255))).save(buffer, format="JPEG", quality=90)
+            reading.display_jpeg, reading.display_size = buffer.getvalue(), (rows, cols)
+        if with_heatmap:
+            # A red glow over the central half, like a Grad-CAM layer, at half the size.
+            h, w = max(1, rows // 2), max(1, cols // 2)
+            ys, xs = np.mgrid[0:h, 0:w]
+            glow = np.exp(-(((xs - w / 2) / (w / 4)) ** 2 + ((ys - h / 2) / (h / 4)) ** 2))
+            rgba = np.zeros((h, w, 4), np.uint8)
+            rgba[:, :, 0] = 255
+            rgba[:, :, 3] = np.uint8(np.round(glow * 150))
+            reading.heatmap_layer_png = _png_bytes(Image.fromarray(rgba, mode="RGBA"))
+        return reading
 
 
 def grey_png(level: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -203,13 +221,28 @@ def test_predict_returns_the_full_reading(client: TestClient, fake: FakePredicto
     assert body["missing"] == ["sex", "age", "view"]
     assert {"read", "total", "queue_wait", "server_total"} <= set(body["timings"])
     assert body["timings"]["server_total"] >= body["timings"]["queue_wait"] >= 0
-    # The pictures arrive inline and decode to the fake's own PNGs.
+    # The picture arrives inline: the predictor's own JPEG and its size; no heatmap unless asked for.
     expected = fake.read(data, "x")
-    for key, png in (("overlay_png", expected.overlay_png), ("heatmap_png", expected.heatmap_png)):
-        prefix = "data:image/png;base64,"
-        assert body[key].startswith(prefix)
-        assert base64.b64decode(body[key][len(prefix):]) == png
+    prefix = "data:image/jpeg;base64,"
+    assert body["image_jpeg"].startswith(prefix)
+    assert base64.b64decode(body["image_jpeg"][len(prefix):]) == expected.display_jpeg
+    assert body["display_size"] == [48, 64]
+    assert body["heatmap_png"] is None and "overlay_png" not in body
     assert fake.calls[0]["name"] == f"upload-{digest}"  # never the file name
+    assert fake.calls[0]["with_heatmap"] is False
+
+
+def test_heatmap_true_adds_the_heatmap_layer(client: TestClient, fake: FakePredictor) -> None:
+    data = grey_png(204)
+    response = client.post("/v1/predict?heatmap=true&images=false", files={"file": ("x.png", data)})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert fake.calls[-1]["with_heatmap"] is True and fake.calls[-1]["with_images"] is False
+    prefix = "data:image/png;base64,"
+    assert body["heatmap_png"].startswith(prefix) and body["image_jpeg"] is None
+    layer = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"][len(prefix):])))
+    assert layer.mode == "RGBA" and layer.size == (32, 24)
+    assert body["decision"] is True  # the reading comes with it, the same as without
 
 
 def test_negative_reading_says_no_opacity(client: TestClient) -> None:
@@ -264,7 +297,8 @@ def test_content_is_sniffed_not_the_name(client: TestClient) -> None:
 def test_images_false_skips_the_pictures(client: TestClient, fake: FakePredictor) -> None:
     response = client.post("/v1/predict?images=false", files={"file": ("x.png", grey_png(200))})
     assert response.status_code == 200
-    assert response.json()["overlay_png"] is None and response.json()["heatmap_png"] is None
+    assert response.json()["image_jpeg"] is None and response.json()["heatmap_png"] is None
+    assert response.json()["display_size"] is None
     assert fake.calls[-1]["with_images"] is False
 
 

@@ -70,13 +70,31 @@ def decode_prepared(
     Raises:
         ImageReadError: the file cannot be read.
     """
+    prepared, header, _ = decode_prepared_with_pixels(source, size, name=name, max_pixels=max_pixels, window=window)
+    return prepared, header
+
+
+def decode_prepared_with_pixels(
+    source: str | Path | bytes | BinaryIO,
+    size: int,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    window: str = "none",
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """:func:`decode_prepared` plus the decoded float pixels it was made from.
+
+    The pixels are what the reader returned (possibly at a reduced scale for a JPEG, see
+    :func:`decode_prepared`); the predictor draws its pictures from them instead of
+    decoding the file a second time.
+    """
     from lungopacity.io.images import read_image
 
     kwargs: dict[str, Any] = {"min_size": size, "name": name, "window": window}
     if max_pixels is not None:
         kwargs["max_pixels"] = max_pixels
     pixels, header = read_image(source, **kwargs)
-    return prepare_image(pixels, size), header
+    return prepare_image(pixels, size), header, pixels
 
 
 def network_input(
@@ -109,4 +127,4 @@ def network_input(
     return x
 
 
-__all__ = ["WINDOW_POLICIES", "decode_prepared", "network_input", "prepare_image"]
+__all__ = ["WINDOW_POLICIES", "decode_prepared", "decode_prepared_with_pixels", "network_input", "prepare_image"]

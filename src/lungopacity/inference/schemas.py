@@ -179,8 +179,21 @@ class Prediction:
 
 @dataclass
 class Reading:
-    """A prediction plus the pictures a person looks at (PNG bytes)."""
+    """A prediction plus the pictures a person looks at.
+
+    Attributes:
+        overlay_png, heatmap_png: ``predict``'s pictures, drawn whole (boxes over the
+            image; the heatmap with the boxes on top and a colour bar), at display size.
+        display_jpeg: the web page's picture: the radiograph alone, grey JPEG at display
+            size (the page draws the boxes over it from the numbers).
+        display_size: (rows, cols) of ``display_jpeg``.
+        heatmap_layer_png: the web page's heatmap: an RGBA PNG (viridis, transparent
+            where low and outside the image content) to stretch over ``display_jpeg``.
+    """
 
     prediction: Prediction
     overlay_png: bytes | None = None
     heatmap_png: bytes | None = None
+    display_jpeg: bytes | None = None
+    display_size: tuple[int, int] | None = None
+    heatmap_layer_png: bytes | None = None

@@ -1,11 +1,16 @@
-"""Boxes and heatmaps drawn over radiographs, as PNG, with Pillow only.
+"""Boxes and heatmaps drawn over radiographs, as PNG, with Pillow and NumPy only.
 
-:func:`overlay_png` draws every ground-truth box of a patient in green and every
-predicted box in orange with its score (the paper's Figure 10 shows all boxes of a
-patient this way); :func:`contact_sheet` tiles such images into one PNG;
-:func:`heatmap_overlay` blends a Grad-CAM map over the image with a jet-like colormap
-computed in NumPy. Line widths and text sizes follow the image size, so the drawing is
-legible on a 128-pixel thumbnail and on a 1024-pixel original alike.
+:func:`overlay_png` draws every ground-truth box of a patient and every predicted box
+with its score (the paper's Figure 10 shows all boxes of a patient this way), in
+colour-blind-safe Okabe-Ito colours with a dark halo, so they stay visible over any
+grey level or heatmap colour; its legend names only the kinds of box drawn.
+:func:`contact_sheet` tiles such images into one PNG. :func:`heatmap_layer` colours a
+Grad-CAM map with viridis (perceptually uniform; the table is built in, no matplotlib),
+transparent where the map is low and outside the image content (black borders and
+background); :func:`heatmap_overlay` blends it over the image and
+:func:`heatmap_picture` adds the boxes on top and a colour bar. Line widths and text
+sizes follow the image size, so the drawing is legible on a 128-pixel thumbnail and on a
+1024-pixel original alike. No module here imports matplotlib (the runtime draws with it).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from lungopacity.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Ground-truth boxes (the readers').
-GT_COLOR: tuple[int, int, int] = (0, 255, 0)
-#: Predicted boxes and their scores.
-PRED_COLOR: tuple[int, int, int] = (255, 140, 0)
+#: Ground-truth boxes (the readers'): Okabe-Ito sky blue.
+GT_COLOR: tuple[int, int, int] = (86, 180, 233)
+#: Predicted boxes and their scores: Okabe-Ito orange.
+PRED_COLOR: tuple[int, int, int] = (230, 159, 0)
+#: The dark line drawn under every box line, so a box shows on bright and dark alike.
+HALO_COLOR: tuple[int, int, int] = (0, 0, 0)
 TEXT_COLOR: tuple[int, int, int] = (255, 255, 255)
 LABEL_BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 SHEET_BACKGROUND: tuple[int, int, int] = (24, 24, 24)
@@ -53,12 +60,22 @@ def to_rgb_uint8(pixels: ArrayLike) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def png_bytes(image: Image.Image | ArrayLike) -> bytes:
-    """PNG bytes of a Pillow image or an array (see :func:`to_rgb_uint8`)."""
+def png_bytes(image: Image.Image | ArrayLike, *, compress_level: int = 6, mode: str = "RGB") -> bytes:
+    """PNG bytes of a Pillow image or an array (see :func:`to_rgb_uint8`).
+
+    ``mode="RGBA"`` takes a uint8 ``(H, W, 4)`` array as it is (e.g. :func:`heatmap_layer`);
+    ``compress_level`` is zlib's (1 fastest, 9 smallest; Pillow's default 6).
+    """
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(to_rgb_uint8(image))
+        if mode == "RGBA":
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 4:
+                raise ConfigError(f"an RGBA image must be uint8 (H, W, 4), got {array.dtype} {array.shape}")
+            image = Image.fromarray(np.ascontiguousarray(array), mode="RGBA")
+        else:
+            image = Image.fromarray(to_rgb_uint8(image))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -97,6 +114,14 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color:
 # ------------------------------------------------------------------------- overlays
 
 
+def _box(draw: ImageDraw.ImageDraw, xyxy: tuple[float, ...], colour: tuple[int, int, int], line: int) -> None:
+    """A box line of ``colour`` over a dark halo one pixel wider on each side."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    halo = max(1, line // 2)
+    draw.rectangle([x1 - halo, y1 - halo, x2 + halo, y2 + halo], outline=HALO_COLOR, width=line + 2 * halo)
+    draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+
+
 def _scaled(boxes: ArrayLike | None, scale: float | tuple[float, float]) -> np.ndarray:
     array = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
@@ -126,24 +151,27 @@ def overlay_image(
     if scores is not None and len(scores) != len(pred):
         raise ConfigError(f"{len(pred)} predicted boxes but {len(scores)} scores")
     for x1, y1, x2, y2 in gt:
-        draw.rectangle([x1, y1, x2, y2], outline=GT_COLOR, width=line)
+        _box(draw, (x1, y1, x2, y2), GT_COLOR, line)
     # Predictions drawn lowest score first so the best box (and its label) ends on top.
     order = np.argsort(scores, kind="stable") if scores is not None else np.arange(len(pred))
     for k in order:
-        x1, y1, x2, y2 = pred[k]
-        draw.rectangle([x1, y1, x2, y2], outline=PRED_COLOR, width=line)
+        _box(draw, tuple(pred[k]), PRED_COLOR, line)
     if scores is not None:
         for k in order:
             x1, y1, x2, y2 = pred[k]
-            _label(draw, (x1 + line, y1 + line), f"{scores[k]:.2f}", PRED_COLOR, font, (width, height))
+            _label(draw, (x1 + 2 * line, y1 + 2 * line), f"{scores[k]:.2f}", PRED_COLOR, font, (width, height))
     if title:
         _label(draw, (0, 0), title, TEXT_COLOR, font, (width, height))
-    if legend and (len(gt) or len(pred)):
+    # The legend names only what is drawn.
+    entries = [(name, colour) for name, colour, n in (("ground truth", GT_COLOR, len(gt)),
+                                                      ("predicted", PRED_COLOR, len(pred))) if n]
+    if legend and entries:
         small = _font(max(10, round(font_size * 0.8)))
         text_h = draw.textbbox((0, 0), "Ag", font=small)[3]
-        y = height - 2 * (text_h + 2 * max(1, text_h // 6)) - 2
-        _label(draw, (0, y), "ground truth", GT_COLOR, small, (width, height))
-        _label(draw, (0, height), "predicted", PRED_COLOR, small, (width, height))
+        step = text_h + 2 * max(1, text_h // 6)
+        for k, (name, colour) in enumerate(entries):
+            _label(draw, (0, height - (len(entries) - k) * step - 2 * (len(entries) - 1 - k)), name, colour, small,
+                   (width, height))
     return image
 
 
@@ -224,34 +252,165 @@ def contact_sheet(
 
 # ------------------------------------------------------------------------- heatmaps
 
+#: matplotlib's viridis (CC0) sampled at 256 levels, as RGB hex: perceptually uniform,
+#: readable in grey and by colour-blind readers. Built in, so no matplotlib at runtime.
+_VIRIDIS_HEX = (
+    "44015444025645045745055946075a46085c460a5d460b5e470d60470e61471063471164471365481467481668481769"
+    "48186a481a6c481b6d481c6e481d6f481f70482071482173482374482475482576482677482878482979472a7a472c7a"
+    "472d7b472e7c472f7d46307e46327e46337f463480453581453781453882443983443a83443b84433d84433e85423f85"
+    "4240864241864142874144874045884046883f47883f48893e49893e4a893e4c8a3d4d8a3d4e8a3c4f8a3c508b3b518b"
+    "3b528b3a538b3a548c39558c39568c38588c38598c375a8c375b8d365c8d365d8d355e8d355f8d34608d34618d33628d"
+    "33638d32648e32658e31668e31678e31688e30698e306a8e2f6b8e2f6c8e2e6d8e2e6e8e2e6f8e2d708e2d718e2c718e"
+    "2c728e2c738e2b748e2b758e2a768e2a778e2a788e29798e297a8e297b8e287c8e287d8e277e8e277f8e27808e26818e"
+    "26828e26828e25838e25848e25858e24868e24878e23888e23898e238a8d228b8d228c8d228d8d218e8d218f8d21908d"
+    "21918c20928c20928c20938c1f948c1f958b1f968b1f978b1f988b1f998a1f9a8a1e9b8a1e9c891e9d891f9e891f9f88"
+    "1fa0881fa1881fa1871fa28720a38620a48621a58521a68522a78522a88423a98324aa8325ab8225ac8226ad8127ad81"
+    "28ae8029af7f2ab07f2cb17e2db27d2eb37c2fb47c31b57b32b67a34b67935b77937b87838b9773aba763bbb753dbc74"
+    "3fbc7340bd7242be7144bf7046c06f48c16e4ac16d4cc26c4ec36b50c46a52c56954c56856c66758c7655ac8645cc863"
+    "5ec96260ca6063cb5f65cb5e67cc5c69cd5b6ccd5a6ece5870cf5773d05675d05477d1537ad1517cd2507fd34e81d34d"
+    "84d44b86d54989d5488bd6468ed64590d74393d74195d84098d83e9bd93c9dd93ba0da39a2da37a5db36a8db34aadc32"
+    "addc30b0dd2fb2dd2db5de2bb8de29bade28bddf26c0df25c2df23c5e021c8e020cae11fcde11dd0e11cd2e21bd5e21a"
+    "d8e219dae319dde318dfe318e2e418e5e419e7e419eae51aece51befe51cf1e51df4e61ef6e620f8e621fbe723fde725"
+)
+VIRIDIS: np.ndarray = np.frombuffer(bytes.fromhex(_VIRIDIS_HEX), dtype=np.uint8).reshape(256, 3)
+VIRIDIS.setflags(write=False)
 
-def jet_colormap(values: ArrayLike) -> np.ndarray:
-    """Jet-like colours (blue -> cyan -> yellow -> red) of values in [0, 1]: uint8 ``(..., 3)``."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    red = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
-    green = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
-    blue = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
-    return np.rint(np.stack([red, green, blue], axis=-1) * 255.0).astype(np.uint8)
+#: Heat values below this are drawn fully transparent (no tint where the map says little).
+HEAT_FLOOR = 0.2
+#: Opacity of the heatmap where it is highest (it grows linearly from the floor).
+HEAT_MAX_ALPHA = 0.6
+#: Grey level (of 255) at or below which pixels connected to the image border count as background.
+BACKGROUND_LEVEL = 8
 
 
-def heatmap_overlay(pixels: ArrayLike, heatmap01: ArrayLike, alpha: float = 0.4) -> np.ndarray:
+def viridis_colormap(values: ArrayLike) -> np.ndarray:
+    """Viridis colours of values in [0, 1] (clipped): uint8 ``(..., 3)``."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0)
+    return VIRIDIS[np.rint(v * 255.0).astype(np.intp)]
+
+
+def content_mask(pixels: ArrayLike, level: int = BACKGROUND_LEVEL) -> np.ndarray:
+    """True over the image content: False on the near-black regions that touch the border.
+
+    Black borders and a black background around the radiograph are what a heatmap must
+    not be drawn over; dark pixels inside the image (enclosed by content) stay content.
+    """
+    from scipy import ndimage
+
+    grey = to_rgb_uint8(pixels)[:, :, 0]
+    dark = grey <= level
+    if not dark.any():
+        return np.ones(grey.shape, dtype=bool)
+    labels, _ = ndimage.label(dark)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, edge[edge > 0])
+    return ~background
+
+
+def _resized_heat(heatmap01: ArrayLike, height: int, width: int) -> np.ndarray:
+    heat = np.asarray(heatmap01, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ConfigError(f"the heatmap must be 2-D, got shape {heat.shape}")
+    if heat.shape != (height, width):
+        heat = np.asarray(Image.fromarray(np.ascontiguousarray(heat)).resize((width, height), Image.Resampling.BILINEAR))
+    return np.clip(np.nan_to_num(heat), 0.0, 1.0)
+
+
+def heat_alpha(heat01: ArrayLike, max_alpha: float = HEAT_MAX_ALPHA, floor: float = HEAT_FLOOR) -> np.ndarray:
+    """Opacity per heat value: 0 up to ``floor``, then linear up to ``max_alpha`` at 1."""
+    if not 0.0 <= max_alpha <= 1.0:
+        raise ConfigError(f"alpha must lie in [0, 1], got {max_alpha}")
+    if not 0.0 <= floor < 1.0:
+        raise ConfigError(f"the heat floor must lie in [0, 1), got {floor}")
+    heat = np.clip(np.asarray(heat01, dtype=np.float64), 0.0, 1.0)
+    return max_alpha * np.clip((heat - floor) / (1.0 - floor), 0.0, 1.0)
+
+
+def heatmap_layer(pixels: ArrayLike, heatmap01: ArrayLike, *, size: tuple[int, int] | None = None,
+                  max_alpha: float = HEAT_MAX_ALPHA) -> np.ndarray:
+    """The heatmap as an RGBA layer to lay over the image: uint8 ``(h, w, 4)``.
+
+    Colours are :func:`viridis_colormap` of the map (resized to the layer, bilinear);
+    alpha is :func:`heat_alpha` inside :func:`content_mask` of ``pixels`` and 0 outside.
+
+    Args:
+        pixels: the image the layer goes over (its content decides where heat may show).
+        heatmap01: 2-D map in [0, 1], any size.
+        size: (rows, cols) of the layer; default the image's. A smaller layer is what a
+            browser stretches over the picture (the map is coarse anyway).
+    """
+    grey = Image.fromarray(to_rgb_uint8(pixels)[:, :, 0])
+    rows, cols = size if size is not None else (grey.size[1], grey.size[0])
+    if (rows, cols) != (grey.size[1], grey.size[0]):
+        # The mask from the image at the layer's size (an area average keeps black borders black).
+        grey = grey.resize((cols, rows), Image.Resampling.BOX)
+    mask = content_mask(np.asarray(grey))
+    heat = _resized_heat(heatmap01, rows, cols)
+    alpha = np.where(mask, heat_alpha(heat, max_alpha), 0.0)
+    layer = np.empty((rows, cols, 4), dtype=np.uint8)
+    layer[:, :, :3] = viridis_colormap(heat)
+    layer[:, :, 3] = np.rint(alpha * 255.0).astype(np.uint8)
+    return layer
+
+
+def heatmap_overlay(pixels: ArrayLike, heatmap01: ArrayLike, alpha: float = HEAT_MAX_ALPHA) -> np.ndarray:
     """Blend a heatmap (e.g. Grad-CAM, values in [0, 1]) over an image.
 
-    The heatmap is resized to the image (bilinear) when their sizes differ, coloured
-    with :func:`jet_colormap` and mixed as ``(1 - alpha) * image + alpha * colour``.
+    The map is resized to the image (bilinear), coloured with viridis and mixed as
+    ``(1 - a) * image + a * colour`` with ``a`` = :func:`heat_alpha` (``alpha`` at the
+    map's maximum, 0 at or below :data:`HEAT_FLOOR`) inside the image content and 0 on
+    black borders and background (:func:`content_mask`).
 
     Returns:
         uint8 ``(H, W, 3)``, ready for :func:`overlay_png` or :func:`png_bytes`.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
     rgb = to_rgb_uint8(pixels)
-    heat = np.asarray(heatmap01, dtype=np.float32)
-    if heat.ndim != 2:
-        raise ConfigError(f"the heatmap must be 2-D, got shape {heat.shape}")
-    height, width = rgb.shape[:2]
-    if heat.shape != (height, width):
-        heat = np.asarray(Image.fromarray(heat).resize((width, height), Image.Resampling.BILINEAR))
-    colours = jet_colormap(heat).astype(np.float64)
-    blended = (1.0 - alpha) * rgb.astype(np.float64) + alpha * colours
+    layer = heatmap_layer(rgb, heatmap01, max_alpha=alpha)
+    a = layer[:, :, 3:4].astype(np.float32) / 255.0
+    blended = (1.0 - a) * rgb.astype(np.float32) + a * layer[:, :, :3].astype(np.float32)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def colour_bar(height: int, width: int) -> np.ndarray:
+    """A vertical viridis bar, 1 at the top: uint8 ``(height, width, 3)``."""
+    values = np.linspace(1.0, 0.0, max(1, height))
+    return np.repeat(viridis_colormap(values)[:, None, :], max(1, width), axis=1)
+
+
+def heatmap_picture(
+    pixels: ArrayLike,
+    heatmap01: ArrayLike,
+    pred_boxes: ArrayLike | None = None,
+    pred_scores: ArrayLike | None = None,
+    *,
+    gt_boxes: ArrayLike | None = None,
+    scale: float | tuple[float, float] = 1.0,
+    label: str = "Grad-CAM",
+) -> Image.Image:
+    """The heatmap over the image, the boxes on top of it, and a colour bar at the right.
+
+    The picture is the image's width plus a strip for the bar, which is labelled
+    ``label`` with its ends "high" and "low" (the map is relative: 1 is its own maximum).
+    The legend names the box kinds drawn (see :func:`overlay_image`).
+    """
+    blended = heatmap_overlay(pixels, heatmap01)
+    over = overlay_image(blended, gt_boxes, pred_boxes, pred_scores, scale=scale)
+    height, width = blended.shape[:2]
+    _, font_size = _sizes(height, width)
+    font = _font(max(10, round(font_size * 0.8)))
+    probe = ImageDraw.Draw(over)
+    text_w = max(probe.textlength(t, font=font) for t in ("high", "low", label))
+    text_h = probe.textbbox((0, 0), "Ag", font=font)[3]
+    bar_w = max(6, round(width / 40))
+    pad = max(2, round(width / 100))
+    strip = int(np.ceil(bar_w + 3 * pad + text_w))
+    canvas = Image.new("RGB", (width + strip, height), SHEET_BACKGROUND)
+    canvas.paste(over, (0, 0))
+    top, bottom = pad + text_h + pad, height - pad - text_h - pad
+    if bottom - top > 4:
+        canvas.paste(Image.fromarray(colour_bar(bottom - top, bar_w)), (width + pad, top))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((width + pad, pad), label, fill=TEXT_COLOR, font=font)
+        draw.text((width + 2 * pad + bar_w, top), "high", fill=TEXT_COLOR, font=font)
+        draw.text((width + 2 * pad + bar_w, bottom - text_h), "low", fill=TEXT_COLOR, font=font)
+    return canvas

@@ -34,6 +34,7 @@ class PredictorLike(Protocol):
         age: float | None = None,
         view: str | None = None,
         with_images: bool = True,
+        with_heatmap: bool = False,
     ) -> Reading: ...
 
 

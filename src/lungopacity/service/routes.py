@@ -77,6 +77,11 @@ def _static_bytes(name: str) -> bytes:
     return resources.files("lungopacity.service").joinpath("static", name).read_bytes()
 
 
+def _heatmap_option(heatmap: bool) -> dict[str, bool]:
+    """``with_heatmap`` only when asked for, so predictors without the keyword still serve readings."""
+    return {"with_heatmap": True} if heatmap else {}
+
+
 def ready_predictor(state: ServiceState, headers: dict[str, str] | None = None) -> PredictorLike:
     """The loaded predictor, or :class:`ApiError` 503 saying why there is none."""
     predictor = state.predictor
@@ -151,10 +156,13 @@ def build_router(
         openapi_extra=_PREDICT_BODY,
         tags=["predict"],
     )
-    async def predict(request: Request, images: bool = True) -> JSONResponse:
+    async def predict(request: Request, images: bool = True, heatmap: bool = False) -> JSONResponse:
         """Read one radiograph (multipart field ``file``; optional ``sex``, ``age``, ``view``).
 
-        Set ``images=false`` to skip the overlay and heatmap pictures.
+        ``images`` (default true): add ``image_jpeg``, the radiograph at display size
+        (the boxes are numbers in original pixels; a client draws them over it).
+        ``heatmap=true``: add ``heatmap_png``, the Grad-CAM layer (costs a backward pass;
+        the page asks for it only when the heatmap is switched on).
         """
         began = time.perf_counter()
         declared = request.headers.get("content-length")
@@ -199,7 +207,7 @@ def build_router(
         name = f"upload-{digest}"
 
         def infer() -> Reading:
-            return predictor.read(data, name, with_images=images, **overrides)
+            return predictor.read(data, name, with_images=images, **_heatmap_option(heatmap), **overrides)
 
         try:
             reading, waited = await gate.run(infer)  # returns the ticket when the work ends

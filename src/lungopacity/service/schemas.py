@@ -3,6 +3,9 @@
 The prediction itself is :class:`lungopacity.inference.Prediction`; these models are
 its JSON form plus what only the service adds (the upload's hash, the pictures as
 ``data:`` URLs, the plain-language summary and the notice that it is not a diagnosis).
+The pictures are layers, not finished drawings: the radiograph as a display-size grey
+JPEG, the boxes as numbers (the page draws them as vectors) and, on request
+(``heatmap=true``), the heatmap as a small RGBA PNG to stretch over the JPEG.
 """
 
 from __future__ import annotations
@@ -82,8 +85,19 @@ class PredictResponse(BaseModel):
     )
     timings: dict[str, float] = Field(description="seconds per stage; queue_wait and server_total added by the service")
     upload: UploadInfo
-    overlay_png: str | None = Field(None, description="the image with boxes, as a data:image/png;base64 URL")
-    heatmap_png: str | None = Field(None, description="the Grad-CAM heatmap, as a data:image/png;base64 URL")
+    image_jpeg: str | None = Field(
+        None, description="the radiograph alone at display size (longest side at most 1024 pixels), grey, as a "
+        "data:image/jpeg;base64 URL; the boxes are drawn over it by the client (images=true, the default)"
+    )
+    display_size: list[int] | None = Field(
+        None, description="[rows, cols] of image_jpeg; boxes scale from image_size to it"
+    )
+    heatmap_png: str | None = Field(
+        None, description="only with heatmap=true: the Grad-CAM map as a data:image/png;base64 URL of an RGBA layer "
+        "(viridis colour scale, relative: 1 is the map's maximum; transparent where low and outside the image "
+        "content), with image_jpeg's aspect ratio and at most 256 pixels long, to be stretched over image_jpeg "
+        "under the boxes"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -149,6 +163,13 @@ def png_data_url(png: bytes | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def jpeg_data_url(jpeg: bytes | None) -> str | None:
+    """``data:image/jpeg;base64,...`` for inline display, or None when there is no picture."""
+    if jpeg is None:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
 def predict_response(reading: Reading, upload: UploadInfo, *, queue_wait: float, server_total: float) -> PredictResponse:
     """The answer of ``POST /v1/predict`` for one reading: the only place it is built.
 
@@ -189,6 +210,7 @@ def predict_response(reading: Reading, upload: UploadInfo, *, queue_wait: float,
         model_warnings=list(prediction.model_warnings),
         timings=timings,
         upload=upload,
-        overlay_png=png_data_url(reading.overlay_png),
-        heatmap_png=png_data_url(reading.heatmap_png),
+        image_jpeg=jpeg_data_url(getattr(reading, "display_jpeg", None)),
+        display_size=[int(v) for v in reading.display_size] if getattr(reading, "display_size", None) else None,
+        heatmap_png=png_data_url(getattr(reading, "heatmap_layer_png", None)),
     )
