@@ -116,6 +116,7 @@ class FakePredictor:
         boxes = [Box(cols / 4, rows / 4, 3 * cols / 4, 3 * rows / 4, p_opacity)] if decision else []
         if self.no_decision:
             decision, boxes = None, []
+        given = {"sex": sex, "age": age, "view": view}
         metadata = {"sex": sex or header["sex"], "age": age if age is not None else header["age"], "view": view or header["view"]}
         prediction = Prediction(
             id=name,
@@ -125,6 +126,8 @@ class FakePredictor:
             threshold=self.threshold,
             boxes=boxes,
             metadata=metadata,
+            metadata_source={key: "missing" if metadata[key] is None else "given" if given[key] is not None else "header"
+                             for key in ("sex", "age", "view")},
             missing=[key for key in ("sex", "age", "view") if metadata[key] is None],
             image_size=(rows, cols),
             timings={"read": 0.001, "total": 0.002},
