@@ -31,8 +31,6 @@ from lungopacity.reports.overlays import (
     GT_COLOR,
     PRED_COLOR,
     contact_sheet,
-    heatmap_overlay,
-    jet_colormap,
     overlay_png,
     read_png,
     to_rgb_uint8,
@@ -314,18 +312,7 @@ def test_contact_sheet_layout():
     assert (sheet[4:54, 58 + 12: 58 + 37] == 255).all()  # second, white, fitted to 50 high and centred
 
 
-def test_jet_colormap_and_heatmap_blend():
-    np.testing.assert_array_equal(jet_colormap([0.0, 0.5, 1.0]), [[0, 0, 128], [128, 255, 128], [128, 0, 0]])
-    gray = np.full((8, 8), 0.5)
-    heat = np.zeros((4, 4))
-    heat[:2] = 1.0
-    full = heatmap_overlay(gray, heat, alpha=1.0)
-    assert full.shape == (8, 8, 3)
-    np.testing.assert_array_equal(full[0, 0], [128, 0, 0])
-    np.testing.assert_array_equal(full[-1, -1], [0, 0, 128])
-    np.testing.assert_array_equal(heatmap_overlay(gray, heat, alpha=0.0), to_rgb_uint8(gray))
-    half = heatmap_overlay(gray, np.zeros((8, 8)), alpha=0.5)
-    np.testing.assert_array_equal(half[0, 0], [64, 64, 128])  # (128 + 0) / 2, (128 + 128) / 2
+# The heatmap's colours and blending: tests/test_overlays.py.
 
 
 # --------------------------------------------------------------------- run folders

@@ -139,7 +139,55 @@ def test_png_without_metadata_reports_missing_inputs(tiny_demo) -> None:
     assert prediction.missing == ["sex", "age"]
     assert prediction.metadata["view"] == "AP" and prediction.image_size == (96, 80)
     assert set(prediction.probabilities) == set(CLASS_KEYS)
-    assert reading.overlay_png.startswith(b"\x89PNG") and reading.heatmap_png.startswith(b"\x89PNG")
+    # The service's pictures: the image alone as a grey JPEG at its size (no heatmap unless asked for).
+    assert reading.display_jpeg.startswith(b"\xff\xd8") and reading.display_size == (96, 80)
+    assert reading.heatmap_layer_png is None and reading.overlay_png is None
+    with Image.open(io.BytesIO(reading.display_jpeg)) as picture:
+        assert picture.mode == "L" and picture.size == (80, 96)
+        assert abs(float(np.asarray(picture, dtype=float).mean()) - 120) < 2
+
+
+def test_heatmap_layer_on_request_and_the_same_reading(tiny_demo) -> None:
+    import io
+
+    from PIL import Image
+
+    predictor = Predictor.from_bundle(tiny_demo.paths["model"])
+    dicom = sorted((tiny_demo.paths["data"] / "stage_2_train_images").glob("*.dcm"))[0]
+    plain = predictor.read(dicom.read_bytes(), dicom.name, with_images=False)
+    heat = predictor.read(dicom.read_bytes(), dicom.name, with_images=False, with_heatmap=True)
+    assert plain.display_jpeg is None and heat.display_jpeg is None
+    assert heat.prediction.opacity_probability == plain.prediction.opacity_probability
+    with Image.open(io.BytesIO(heat.heatmap_layer_png)) as layer:
+        assert layer.mode == "RGBA" and max(layer.size) <= 256
+        rows, cols = heat.prediction.image_size
+        assert abs(layer.size[0] / layer.size[1] - cols / rows) < 0.02
+        alpha = np.asarray(layer)[:, :, 3]
+    assert alpha.max() <= round(0.6 * 255)  # never opaque: the image shows through
+    assert {"heatmap", "total"} <= set(heat.prediction.timings)
+
+
+def test_large_image_pictures_are_display_size(tiny_demo) -> None:
+    """A 2048-pixel upload: the page's JPEG and predict's PNGs are at most 1024 long, decoded once."""
+    import io
+
+    from PIL import Image
+
+    from lungopacity.inference.predictor import DISPLAY_SIDE
+
+    predictor = Predictor.from_bundle(tiny_demo.paths["model"])
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(60, 200, size=(2048, 1536), dtype=np.uint8)).save(buffer, format="PNG")
+    image = predictor.load(buffer.getvalue(), "big.png", keep_display=True)
+    assert image._display is not None and image._pixels is None  # kept from the first decode
+    assert image.display_pixels().shape == (1024, 768) and DISPLAY_SIDE == 1024
+    (prediction,) = predictor.predict_images([image])
+    (heat,) = predictor.heatmaps([image], native=True)
+    overlay, heat_png = predictor.pictures(image, prediction, heat)
+    assert Image.open(io.BytesIO(overlay)).size == (768, 1024)
+    with Image.open(io.BytesIO(heat_png)) as picture:
+        assert picture.size[1] == 1024 and picture.size[0] > 768  # the colour bar at the right
 
 
 def test_temperature_scaling_lowers_calibration_error(tiny_demo) -> None:

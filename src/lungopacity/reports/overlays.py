@@ -326,6 +326,17 @@ def heat_alpha(heat01: ArrayLike, max_alpha: float = HEAT_MAX_ALPHA, floor: floa
     return max_alpha * np.clip((heat - floor) / (1.0 - floor), 0.0, 1.0)
 
 
+def _colours_and_alpha(grey: Image.Image, heatmap01: ArrayLike, rows: int, cols: int,
+                       max_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Viridis colours ``(rows, cols, 3)`` and float opacity ``(rows, cols)`` of a map over a grey image."""
+    if (rows, cols) != (grey.size[1], grey.size[0]):
+        # The mask from the image at the layer's size (an area average keeps black borders black).
+        grey = grey.resize((cols, rows), Image.Resampling.BOX)
+    mask = content_mask(np.asarray(grey))
+    heat = _resized_heat(heatmap01, rows, cols)
+    return viridis_colormap(heat), np.where(mask, heat_alpha(heat, max_alpha), 0.0)
+
+
 def heatmap_layer(pixels: ArrayLike, heatmap01: ArrayLike, *, size: tuple[int, int] | None = None,
                   max_alpha: float = HEAT_MAX_ALPHA) -> np.ndarray:
     """The heatmap as an RGBA layer to lay over the image: uint8 ``(h, w, 4)``.
@@ -341,14 +352,9 @@ def heatmap_layer(pixels: ArrayLike, heatmap01: ArrayLike, *, size: tuple[int, i
     """
     grey = Image.fromarray(to_rgb_uint8(pixels)[:, :, 0])
     rows, cols = size if size is not None else (grey.size[1], grey.size[0])
-    if (rows, cols) != (grey.size[1], grey.size[0]):
-        # The mask from the image at the layer's size (an area average keeps black borders black).
-        grey = grey.resize((cols, rows), Image.Resampling.BOX)
-    mask = content_mask(np.asarray(grey))
-    heat = _resized_heat(heatmap01, rows, cols)
-    alpha = np.where(mask, heat_alpha(heat, max_alpha), 0.0)
+    colours, alpha = _colours_and_alpha(grey, heatmap01, rows, cols, max_alpha)
     layer = np.empty((rows, cols, 4), dtype=np.uint8)
-    layer[:, :, :3] = viridis_colormap(heat)
+    layer[:, :, :3] = colours
     layer[:, :, 3] = np.rint(alpha * 255.0).astype(np.uint8)
     return layer
 
@@ -365,9 +371,10 @@ def heatmap_overlay(pixels: ArrayLike, heatmap01: ArrayLike, alpha: float = HEAT
         uint8 ``(H, W, 3)``, ready for :func:`overlay_png` or :func:`png_bytes`.
     """
     rgb = to_rgb_uint8(pixels)
-    layer = heatmap_layer(rgb, heatmap01, max_alpha=alpha)
-    a = layer[:, :, 3:4].astype(np.float32) / 255.0
-    blended = (1.0 - a) * rgb.astype(np.float32) + a * layer[:, :, :3].astype(np.float32)
+    height, width = rgb.shape[:2]
+    colours, a = _colours_and_alpha(Image.fromarray(rgb[:, :, 0]), heatmap01, height, width, alpha)
+    a = a[:, :, None]
+    blended = (1.0 - a) * rgb.astype(np.float64) + a * colours.astype(np.float64)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
