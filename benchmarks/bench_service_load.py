@@ -12,6 +12,11 @@ and requests per second, and the server's own mean queue wait and handling time.
 ``--fake`` serves the deterministic ``FakePredictor`` of tests/test_service.py, slowed by
 ``--fake-seconds`` per reading to stand in for a model.
 
+``--query`` adds a query string to every upload (e.g. ``heatmap=true``); the report gives
+the answers' sizes too, and ``--json-out FILE`` writes the figures as JSON (what
+benchmarks/bench_viewer.py collects). The script runs against whichever ``lungopacity``
+is on the path, so the same script measures an older checkout (``PYTHONPATH=OLD/src``).
+
 ``--slow-clients N`` adds hostile clients for the whole run: N connections that send an
 upload's headers and then one byte every ``--slow-every`` seconds (default 2). They hold
 upload slots, not inference workers, and the server cuts each off after its stall
@@ -149,7 +154,9 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=8, help="the server's waiting line")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fake-seconds", type=float, default=0.05, help="sleep per fake reading")
-    parser.add_argument("--no-images", action="store_true", help="ask for no overlay/heatmap (images=false)")
+    parser.add_argument("--no-images", action="store_true", help="ask for no pictures (images=false)")
+    parser.add_argument("--query", default="", help="extra query string for every upload, e.g. heatmap=true")
+    parser.add_argument("--json-out", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--slow-clients", type=int, default=0, help="hostile clients trickling 1 byte at a time")
     parser.add_argument("--slow-every", type=float, default=2.0, help="seconds between a slow client's bytes")
     parser.add_argument("--stall-timeout", type=float, default=10.0, help="the server's upload stall timeout")
@@ -198,7 +205,9 @@ def main() -> None:
             latencies: list[float] = []
             statuses: Counter[str] = Counter()
             server_side: list[tuple[float, float]] = []
-            target = url + "/v1/predict" + ("?images=false" if args.no_images else "")
+            query = "&".join(q for q in ("images=false" if args.no_images else "", args.query) if q)
+            target = url + "/v1/predict" + ("?" + query if query else "")
+            sizes: list[int] = []
 
             def one(_: int) -> None:
                 if time.monotonic() > deadline:
@@ -209,6 +218,7 @@ def main() -> None:
                 try:
                     response = client.post(target, files={"file": ("upload", payload)})
                     status = str(response.status_code)
+                    size = len(response.content)
                     timings = response.json().get("timings") if response.status_code == 200 else None
                 except Exception as exc:  # noqa: BLE001 - counted as an error
                     status, timings = type(exc).__name__, None
@@ -217,6 +227,7 @@ def main() -> None:
                     statuses[status] += 1
                     if status == "200":
                         latencies.append(elapsed)
+                        sizes.append(size)
                         server_side.append((timings["queue_wait"], timings["server_total"]))
 
             started = time.perf_counter()
@@ -236,6 +247,22 @@ def main() -> None:
         print(f"server side: mean queue wait {statistics.mean(q for q, _ in server_side) * 1000:.0f} ms, "
               f"mean handling {statistics.mean(t for _, t in server_side) * 1000:.0f} ms")
     print(f"throughput: {len(latencies) / wall:.2f} requests/s ({len(latencies)} ok in {wall:.1f} s)")
+    if sizes:
+        print(f"answer size: median {statistics.median(sizes) / 1000:.1f} kB, max {max(sizes) / 1000:.1f} kB")
+    if args.json_out:
+        import json
+
+        figures = {
+            "requests": args.requests, "concurrency": args.concurrency, "query": target.split("/v1/predict", 1)[1],
+            "upload_bytes": len(payload), "ok": len(latencies), "errors": errors, "wall_s": wall,
+            "p50_s": percentile(latencies, 50) if latencies else None,
+            "p95_s": percentile(latencies, 95) if latencies else None,
+            "max_s": max(latencies) if latencies else None,
+            "throughput_rps": len(latencies) / wall if wall else None,
+            "answer_bytes_median": statistics.median(sizes) if sizes else None,
+            "server_handling_mean_s": statistics.mean(t for _, t in server_side) if server_side else None,
+        }
+        args.json_out.write_text(json.dumps(figures, indent=2))
     if args.slow_clients:
         print(f"slow clients' answers: {dict(sorted(Counter(slow_outcomes).items()))}")
 
