@@ -17,7 +17,8 @@ interleaved:
   for when the heatmap is switched on); p50/p95 latency and the answer's size;
 * ``lungopacity predict`` on the ``--dicoms`` folder with and without pictures
   (``--no-images``): the wall time of the whole command (start-up, bundle loading and
-  all), best of ``--repeats``, and the bytes of pictures written.
+  all), best of ``--repeats`` after one warm-up run of each tree, and the bytes of
+  pictures written.
 
 The figures go to ``OUT/figures.json`` and a Markdown table to stdout.
 """
@@ -103,6 +104,8 @@ def main() -> None:
             figures["service"][key] = service(trees[code], args.bundle, args.out, key, 1, args.requests,
                                               image=args.dicom_upload)
 
+    for code in ("old", "new"):  # warm the file cache and the imports; not counted
+        predict(trees[code], args.bundle, args.dicoms, args.out / f"predict_warmup_{code}", False)
     for repeat in range(args.repeats):
         for images in (False, True):
             for code in ("old", "new"):

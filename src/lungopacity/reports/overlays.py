@@ -374,7 +374,8 @@ def heatmap_overlay(pixels: ArrayLike, heatmap01: ArrayLike, alpha: float = HEAT
     height, width = rgb.shape[:2]
     colours, a = _colours_and_alpha(Image.fromarray(rgb[:, :, 0]), heatmap01, height, width, alpha)
     a = a[:, :, None]
-    blended = (1.0 - a) * rgb.astype(np.float64) + a * colours.astype(np.float64)
+    base = rgb.astype(np.float64)
+    blended = base + a * (colours.astype(np.float64) - base)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
