@@ -389,6 +389,7 @@ def test_no_reading_is_shown_as_such(browser: Any, no_reading_server_url: str, t
         expect(page.locator("#model-warnings")).to_be_visible()
         assert page.locator("#model-warning-list li").all_text_contents() == [WARNING]
         assert page.text_content("#box-count") == "0"
+        assert page.text_content("#opacity-probability").endswith("(no decision: the image is outside the model's range)")
         assert page.text_content("#box-rows").startswith("no decision: the image failed the applicability check")
         assert page.is_disabled("#layer-heatmap")  # no heatmap offered for an image the model cannot read
         expect(page.locator("#uncertain")).to_be_hidden()

@@ -681,7 +681,8 @@
     document.getElementById("disclaimer").textContent = data.disclaimer;
 
     fillProbabilities(data.probabilities);
-    document.getElementById("opacity-probability").textContent = formatProbability(data.opacity_probability);
+    document.getElementById("opacity-probability").textContent = formatProbability(data.opacity_probability) +
+      (data.decision === null ? " (no decision: the image is outside the model's range)" : "");
     document.getElementById("threshold").textContent = formatProbability(data.threshold);
     document.getElementById("box-count").textContent = String(data.boxes.length);
     document.getElementById("metadata").textContent = describeMetadata(data.metadata || {}, data.missing || []);
