@@ -155,7 +155,9 @@ def test_results_validate_and_read_back(tmp_path: Path) -> None:
     assert pixels.shape == (int(src.Rows), int(src.Columns), 3)
     box = prediction.boxes[0]
     edge = pixels[int(round((box.y1 + box.y2) / 2)), int(round(box.x1)) + 1]
-    assert tuple(int(v) for v in edge) == (255, 140, 0)
+    from lungopacity.reports.overlays import PRED_COLOR
+
+    assert tuple(int(v) for v in edge) == PRED_COLOR
 
 
 def test_only_patient_and_study_attributes_are_copied(tmp_path: Path) -> None:
