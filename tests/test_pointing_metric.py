@@ -99,4 +99,11 @@ def test_pointing_game_rejects_bad_inputs() -> None:
     with pytest.raises(DataFormatError):
         pointing_game([2.0], [0.5])
     with pytest.raises(ConfigError):
-        pointing_game([1.0], [0.5], n_boot=0)
+        pointing_game([1.0], [0.5], n_boot=-1)
+
+
+def test_pointing_game_without_bootstrap_has_no_intervals() -> None:
+    result = pointing_game([1.0, 0.0], [0.5, 0.5], n_boot=0)
+    assert result.hit_rate == 0.5 and result.gain == 0.0
+    assert result.hit_rate_ci is None and result.gain_ci is None and not result.beats_baseline
+    assert result.to_dict()["gain_ci"] is None

@@ -119,27 +119,28 @@ class PointingResult:
     """A pointing-game score over ``n`` images, with 95 % percentile bootstrap intervals.
 
     ``gain`` is the mean of hit - baseline per image (paired); ``gain_ci`` excludes 0 when
-    the method beats a random point on these images.
+    the method beats a random point on these images; both intervals are None with
+    ``n_boot == 0``.
     """
 
     n: int
     hit_rate: float
-    hit_rate_ci: tuple[float, float]
+    hit_rate_ci: tuple[float, float] | None
     baseline: float
     gain: float
-    gain_ci: tuple[float, float]
+    gain_ci: tuple[float, float] | None
     n_boot: int
 
     @property
     def beats_baseline(self) -> bool:
         """True when the whole 95 % interval of hit - baseline lies above 0."""
-        return bool(self.gain_ci[0] > 0.0)
+        return self.gain_ci is not None and bool(self.gain_ci[0] > 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: lists for the intervals, ``beats_baseline`` included."""
         data = asdict(self)
-        data["hit_rate_ci"] = list(self.hit_rate_ci)
-        data["gain_ci"] = list(self.gain_ci)
+        data["hit_rate_ci"] = list(self.hit_rate_ci) if self.hit_rate_ci is not None else None
+        data["gain_ci"] = list(self.gain_ci) if self.gain_ci is not None else None
         data["beats_baseline"] = self.beats_baseline
         return data
 
@@ -151,12 +152,13 @@ def pointing_game(hits: Sequence[float] | np.ndarray, baselines: Sequence[float]
     Args:
         hits: per image, :func:`pointing_hit` (or :func:`point_hit` as 0/1).
         baselines: per image, :func:`area_share` (same order).
-        n_boot: bootstrap resamples of the images (the same resamples for both intervals).
+        n_boot: bootstrap resamples of the images (the same resamples for both intervals;
+            0: no intervals).
         seed: the resampling seed.
 
     Raises:
         DataFormatError: no image, unequal lengths, or values outside [0, 1].
-        ConfigError: ``n_boot < 1``.
+        ConfigError: ``n_boot < 0``.
     """
     hit = np.asarray(hits, dtype=np.float64).reshape(-1)
     base = np.asarray(baselines, dtype=np.float64).reshape(-1)
@@ -167,23 +169,23 @@ def pointing_game(hits: Sequence[float] | np.ndarray, baselines: Sequence[float]
     for name, values in (("hits", hit), ("baselines", base)):
         if not (np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()):
             raise DataFormatError(f"pointing game: {name} must lie in [0, 1]")
-    if n_boot < 1:
-        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
+    if n_boot < 0:
+        raise ConfigError(f"n_boot must be >= 0, got {n_boot}")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, hit.size, size=(n_boot, hit.size))
-    boot_hit = hit[draws].mean(axis=1)
-    boot_gain = (hit - base)[draws].mean(axis=1)
 
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        lo, hi = np.percentile(values, [2.5, 97.5])
+    def interval(values: np.ndarray) -> tuple[float, float] | None:
+        if n_boot == 0:
+            return None
+        lo, hi = np.percentile(values[draws].mean(axis=1), [2.5, 97.5])
         return float(lo), float(hi)
 
     return PointingResult(
         n=int(hit.size),
         hit_rate=float(hit.mean()),
-        hit_rate_ci=interval(boot_hit),
+        hit_rate_ci=interval(hit),
         baseline=float(base.mean()),
         gain=float((hit - base).mean()),
-        gain_ci=interval(boot_gain),
+        gain_ci=interval(hit - base),
         n_boot=int(n_boot),
     )
