@@ -130,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", type=Path, help="detector run folder (val_predictions.csv): top-box figure")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--limit", type=int, help="only the first N positives (smoke runs)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the per-patient hits of variants already in OUT/pointing.json (e.g. to add --detector later)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models = run.load_models("cpu")
     positives = positive_positions(cache, cache.indices())
+    if args.limit:
+        positives = positives[:args.limit]
     results: dict[str, Any] = {
         "run": str(args.run), "cache": str(cache.path), "n_positive": int(len(positives)),
         "n_patients": int(len(cache.indices())), "machine": f"{platform.processor() or platform.machine()}, "
@@ -151,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     per_patient: dict[str, np.ndarray] = {}
     baselines = None
+    previous = json.loads((args.out / "pointing.json").read_text()) if args.reuse and (args.out / "pointing.json").is_file() else None
     for name in args.variants:
         kwargs = VARIANTS[name]
+        if previous and name in previous["variants"]:
+            if previous["per_patient"]["patientId"] != cache.table["patientId"].astype(str).to_numpy()[positives].tolist():
+                print("--reuse: the saved results are of other patients", file=sys.stderr)
+                return 2
+            per_patient[name] = np.asarray(previous["per_patient"][name])
+            baselines = np.asarray(previous["per_patient"]["baseline"])
+            results["variants"][name] = previous["variants"][name]
+            continue
         start = time.perf_counter()
         scores = heatmap_scores(models, cache, positives, input_size=run.input_size, out_of_fold=True,
                                 heatmap=lambda ms, x, kw=kwargs: grad_cam(ms, x, **kw), batch_size=args.batch_size)

@@ -36,6 +36,8 @@ def _phantoms(n: int, seed: int) -> list:
 @pytest.fixture(scope="module")
 def phantom_model():
     """A test_resnet trained for 8 epochs on 120 phantoms, and 24 held-out opacity phantoms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this tiny network runs 10-20x slower with 2 threads on a busy 2-core machine
     torch.manual_seed(0)
     train = _phantoms(120, seed=0)
     test = [case for case in _phantoms(48, seed=1) if case.label_class == LUNG_OPACITY]
@@ -53,6 +55,7 @@ def phantom_model():
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+    torch.set_num_threads(threads)
     return model.eval(), test
 
 
@@ -109,7 +112,9 @@ def test_grad_cam_options_give_unit_peaked_maps_and_flip_is_mirror_symmetric(sma
     for options in ({"stages": (-2,)}, {"stages": (FINAL, -2, -3)}, {"method": "gradcam++"}, {"hflip": True}):
         maps = grad_cam([small_model], x, output_size=(32, 48), **options)
         assert maps.shape == (2, 32, 48) and maps.dtype == np.float32
-        assert float(maps.min()) >= 0.0 and np.allclose(maps.reshape(2, -1).max(1), 1.0)
+        peaks = maps.reshape(2, -1).max(1)
+        # Each map peaks at 1, or is all zero when the class has no positive evidence there.
+        assert float(maps.min()) >= 0.0 and all(np.isclose(peak, 1.0) or peak == 0.0 for peak in peaks)
     # Flip averaging explains x and its mirror image alike: the map of the mirror is the mirrored map.
     flipped = grad_cam([small_model], x.flip(-1), hflip=True, stages=(-2,))
     np.testing.assert_allclose(flipped, grad_cam([small_model], x, hflip=True, stages=(-2,))[:, :, ::-1], atol=1e-5)
