@@ -4,11 +4,12 @@ A small CNN (timm's ``test_resnet``, from scratch) learns the three classes on 1
 at 96 px in memory; on 24 held-out opacity phantoms the heatmap's maximum must fall inside
 a box clearly more often than a random point (the boxes' share of the image, about 0.10).
 
-Floors, from the tuning runs (seed 0, this machine): the runtime's map
-(:data:`HEATMAP_METHOD`) hit 0.79-0.88, so the floor :data:`HIT_FLOOR` = 0.6 leaves room for
-platform noise while still failing a map that points at the mediastinum (the final 3 x 3
-map of this network hit 0.05: below chance). Also checked: the evaluation report carries the
-same figures (``engine/pointing.py``).
+Measured (seed 0, in-memory training, one torch thread, about 20 s for this file): the
+runtime's map (:data:`HEATMAP_METHOD`: final + stride-16 stage, flip-averaged) and the
+stride-16 stage alone hit 0.958 (23 of 24) against a baseline of 0.099; the final map alone
+(3 x 3 cells at 96 px) hit 0.111, i.e. chance: its peak sits on the mediastinum. The floor
+:data:`HIT_FLOOR` = 0.75 leaves room for platform noise and still fails a map that points
+at chance level.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lungopacity.models.classifier import create_classifier
 from lungopacity.synthetic import make_phantom
 
 SIZE = 96
-HIT_FLOOR = 0.6
+HIT_FLOOR = 0.75
 NOT_NORMAL = 1
 
 
@@ -95,16 +96,21 @@ def small_model():
     return create_classifier("test_resnet", "none").eval()
 
 
-def test_default_grad_cam_is_the_final_map_weighted_by_mean_gradients(small_model) -> None:
-    """The default keeps the contract callers rely on: final feature map, mean-gradient weights."""
-    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+def test_classic_grad_cam_is_the_final_map_weighted_by_mean_gradients(phantom_model) -> None:
+    """stages=("final",), hflip=False is Selvaraju's Grad-CAM: final feature map, mean-gradient weights."""
+    small_model, cases = phantom_model
+    x = torch.from_numpy(np.stack([case.pixels for case in cases[:2]]))[:, None].float()
     with torch.enable_grad():
         feature_map = small_model.forward_features(x).detach().requires_grad_(True)
         (grads,) = torch.autograd.grad(small_model.forward_head(feature_map)[:, LUNG_OPACITY].sum(), feature_map)
     cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map).sum(1, keepdim=True)).detach()
-    cam = torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    cam = torch.nn.functional.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+    assert float(cam.max()) > 0  # the trained model has evidence on these opacities: not a vacuous comparison
     expected = (cam / cam.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)).numpy()
-    np.testing.assert_allclose(grad_cam([small_model], x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad_cam([small_model], x, stages=(FINAL,), hflip=False), expected, rtol=1e-5, atol=1e-6)
+    # With no options, grad_cam draws HEATMAP_METHOD (what the predictor shows).
+    np.testing.assert_array_equal(grad_cam([small_model], x), grad_cam([small_model], x, **dict(HEATMAP_METHOD)))
+    assert not np.allclose(grad_cam([small_model], x), expected, atol=1e-3)
 
 
 def test_grad_cam_options_give_unit_peaked_maps_and_flip_is_mirror_symmetric(small_model) -> None:
