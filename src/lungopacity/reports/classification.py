@@ -187,7 +187,10 @@ def _pointing_paragraph(pointing: Mapping[str, Any] | None) -> list[str]:
         return []
     heatmap = pointing.get("heatmap") or {}
     verdict = (
-        "the heatmap's maximum hits a box clearly more often than a random point (interval of the gain above 0)"
+        "the heatmap's maximum hits a box clearly more often than a random point (interval of the gain above 0). "
+        "That is a low bar: a point anywhere in the usual opacity region clears it too (on the shared RSNA images "
+        "a fixed, model-free prior of where opacities lie hit more often than the heatmap; BENCHMARKS.md, "
+        "\"Pointing game\"), so read the map as what raised the score, not as where the opacity is"
         if pointing.get("beats_baseline")
         else "the heatmap's maximum does **not** hit a box clearly more often than a random point "
         "(the interval of the gain includes 0 or lies below it): do not read the map as where the opacity is"
