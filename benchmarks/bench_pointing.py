@@ -25,8 +25,8 @@ Commands (the 5-fold run and detector of BENCHMARKS.md "Pointing game")::
     $L train-classifier runs/cache256 --out runs/lite0 --backbone efficientnet_lite0 \\
         --pretrained efficientnet-lite0 --folds 5 --epochs 3
     $L train-detector runs/cache256 --out runs/det --pretrained efficientnet-lite0 --size 256 \\
-        --epochs 3 --batch-size 8
-    .venv/bin/python benchmarks/bench_pointing.py --run runs/lite0 --detector runs/det --out runs/pointing
+        --epochs 2 --batch-size 8
+    .venv/bin/python benchmarks/bench_pointing.py --run runs/lite0 --detector runs/det --out runs/pointing --threads 1
 
 Writes ``OUT/pointing.json`` (every figure and the per-patient hits) and ``OUT/pointing.md``
 (the table) and prints the table.
