@@ -189,6 +189,41 @@ class OpacityClassifier(nn.Module):
         """Pool and classify features from :meth:`forward_features` (``pre_logits``: pooled features only)."""
         return self.model.forward_head(features, pre_logits=pre_logits)
 
+    @property
+    def num_feature_stages(self) -> int:
+        """How many feature stages (timm's ``feature_info``: one per reduction) the backbone has; 0 if unknown."""
+        info = getattr(self.model, "feature_info", None)
+        if info is None or not hasattr(self.model, "forward_intermediates"):
+            return 0
+        return len(info)
+
+    def forward_stages(self, x: torch.Tensor, stages: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final feature map and the maps of some earlier stages, from one forward pass.
+
+        ``stages`` index the backbone's feature stages (timm's ``feature_info``, strides
+        2, 4, 8, 16, 32 for EfficientNet; negative counts from the end). The final map is
+        what :meth:`forward_features` returns (so :meth:`forward_head` takes it) and the
+        stage maps lie on the same graph, so gradients of the logits reach them. No hooks:
+        two calls at once do not see each other's activations.
+
+        Raises:
+            ConfigError: the backbone has no stages (no ``forward_intermediates``), or an
+                index is out of range.
+        """
+        count = self.num_feature_stages
+        if count == 0:
+            raise ConfigError(f"{self.backbone}: backbone exposes no feature stages (timm forward_intermediates)")
+        indices = []
+        for stage in stages:
+            index = int(stage) + count if int(stage) < 0 else int(stage)
+            if not 0 <= index < count:
+                raise ConfigError(f"stage {stage}: {self.backbone} has {count} feature stages (0..{count - 1})")
+            indices.append(index)
+        order = sorted(set(indices))
+        final, maps = self.model.forward_intermediates(self.normalize(x), indices=order)
+        by_index = dict(zip(order, maps))
+        return final, [by_index[index] for index in indices]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for a ``(B, in_chans, H, W)`` float batch in [0, 1]."""
         return self.forward_head(self.forward_features(x))
