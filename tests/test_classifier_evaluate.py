@@ -243,3 +243,35 @@ def test_kfold_run_on_another_cache_averages_the_fold_models_in_logit_space(cach
 def test_unknown_split_is_refused(caches, single_run, tmp_path):
     with pytest.raises(ValueError, match="split must be"):
         evaluate_classifier(single_run, caches["own"], "train", tmp_path / "report", device="cpu")
+
+
+def test_kfold_evaluation_plays_the_pointing_game_with_out_of_fold_heatmaps(caches, kfold_run, tmp_path):
+    """metrics['pointing'] equals the game recomputed by hand: each positive patient's map from
+    the fold model that did not train on it, its maximum scored against the patient's boxes."""
+    from lungopacity.data.preprocess import network_input
+    from lungopacity.inference.gradcam import HEATMAP_METHOD, grad_cam
+    from lungopacity.metrics.pointing import area_share, pointing_hit
+
+    metrics = evaluate_classifier(kfold_run, caches["own"], "all", tmp_path / "report", n_boot=100, device="cpu")
+    game = metrics["pointing"]
+    cache = PreparedCache(caches["own"])
+    models, config = load_run_models(kfold_run)
+    hits, baselines = [], []
+    for i in cache.indices():
+        boxes = cache.table["boxes"].iat[i]
+        if cache.table["Target"].iat[i] != 1 or len(boxes) == 0:
+            continue
+        x = network_input(cache.image(i)[None], size=config["input_size"])
+        cam = grad_cam([models[int(cache.table["fold"].iat[i])]], x, **dict(HEATMAP_METHOD))[0]
+        size = (int(cache.table["orig_h"].iat[i]), int(cache.table["orig_w"].iat[i]))
+        hits.append(pointing_hit(cam, boxes, size))
+        baselines.append(area_share(cam.shape, boxes, size))
+    assert game["n"] == len(hits) > 0
+    assert game["hit_rate"] == pytest.approx(np.mean(hits)) and game["baseline"] == pytest.approx(np.mean(baselines))
+    assert game["explained_by"] == "out-of-fold model" and game["n_boot"] == 100
+    assert "## Pointing game" in (tmp_path / "report" / "report.md").read_text()
+
+    other = evaluate_classifier(kfold_run, caches["other"], "all", tmp_path / "other", n_boot=50, device="cpu")
+    assert other["pointing"]["explained_by"] == "the run's models averaged"
+    skipped = evaluate_classifier(kfold_run, caches["own"], "all", tmp_path / "none", n_boot=50, device="cpu", pointing=False)
+    assert "pointing" not in skipped and "Pointing game" not in (tmp_path / "none" / "report.md").read_text()

@@ -163,6 +163,18 @@ def test_config_round_trip_rebuilds_the_same_architecture_and_outputs() -> None:
     assert torch.equal(_outputs(rebuilt, x), _outputs(model, x))
 
 
+def test_rebuilding_from_a_config_logs_the_normalisation_it_applies(caplog: pytest.LogCaptureFixture) -> None:
+    # Regression (issue 13): the rebuild logged timm's default mean 0.449 before the
+    # config's 0.5 replaced it, so the log named a normalisation the model never applied.
+    config = create_classifier("efficientnet_lite0", pretrained="none").config()
+    config["mean"], config["std"] = [0.25], [0.125]
+    with caplog.at_level(logging.INFO, logger="lungopacity.models.classifier"):
+        classifier_from_config(config)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lungopacity.models.classifier"]
+    assert len(lines) == 1, lines
+    assert "mean=[0.25], std=[0.125]" in lines[0] and "rebuilt" in lines[0]
+
+
 # --------------------------------------------------------------------------- local weight files
 
 

@@ -298,6 +298,59 @@ def test_results_for_an_upload(tiny_demo: Any, tmp_path: Path) -> None:
     assert encode_dataset(results.sr)[128:132] == b"DICM"
 
 
+def _split_multipart_related(body: bytes, content_type: str) -> list[bytes]:
+    """The parts of a multipart/related body, parsed independently of multipart_related()."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    assert message.is_multipart()
+    return [part.get_payload(decode=True) for part in message.iter_parts()]
+
+
+def test_service_answers_dicom_results_for_a_dicom_upload(tiny_demo: Any, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lungopacity.inference.predictor import Predictor
+    from lungopacity.service import create_app
+
+    (source,) = rsna_or_synthetic(tmp_path)
+    predictor = Predictor.from_bundle(tiny_demo.paths["model"])
+    data = source.read_bytes()
+    with TestClient(create_app(predictor), base_url="http://localhost") as client:
+        answer = client.post("/v1/predict?format=dicom", files={"file": ("x.dcm", data, "application/dicom")})
+        as_json = client.post("/v1/predict?images=false", files={"file": ("x.dcm", data, "application/dicom")}).json()
+        # A PNG cannot become DICOM results: refused before any reading, with the reason.
+        png = io.BytesIO()
+        from PIL import Image
+
+        Image.fromarray(np.full((64, 64), 80, dtype=np.uint8)).save(png, format="PNG")
+        refused = client.post("/v1/predict?format=dicom", files={"file": ("x.png", png.getvalue(), "image/png")})
+        bad_choice = client.post("/v1/predict?format=xml", files={"file": ("x.dcm", data, "application/dicom")})
+        schema = client.get("/openapi.json").json()
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    parts = _split_multipart_related(answer.content, answer.headers["content-type"])
+    datasets = [pydicom.dcmread(io.BytesIO(part)) for part in parts]
+    assert sorted(ds.Modality for ds in datasets) == ["OT", "PR", "SR"]  # SC, GSPS, SR
+    source_ds = pydicom.dcmread(source, stop_before_pixels=True)
+    assert {str(ds.StudyInstanceUID) for ds in datasets} == {str(source_ds.StudyInstanceUID)}
+    assert all(str(ds.SeriesInstanceUID) != str(source_ds.SeriesInstanceUID) for ds in datasets)
+    (sr,) = [ds for ds in datasets if ds.Modality == "SR"]
+    summary = read_sr_summary(sr)
+    # The DICOM answer and the JSON answer are one reading: the same numbers.
+    assert summary["probability"] == pytest.approx(as_json["opacity_probability"], abs=1e-9)
+    assert float(answer.headers["x-lungopacity-probability"]) == pytest.approx(as_json["opacity_probability"], abs=1e-6)
+    expected = "none" if as_json["decision"] is None else str(as_json["decision"]).lower()
+    assert answer.headers["x-lungopacity-decision"] == expected
+    assert len(summary["boxes"]) == len(as_json["boxes"])
+    assert refused.status_code == 415 and refused.json()["error"]["code"] == "not_dicom"
+    assert bad_choice.status_code == 400 and "dicom" in bad_choice.text  # the choices are named
+    assert 'multipart/related; type="application/dicom"' in schema["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]
+
+
 def test_dicom_runtime_loads_no_training_code_and_no_matplotlib(tmp_path: Path) -> None:
     import os
     import sys

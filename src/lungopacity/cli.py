@@ -362,10 +362,16 @@ def evaluate_classifier_command(
         ClassifierSplit.val, "--split", help="val: the cache's validation split; all: every patient."
     ),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95 % intervals."),
+    pointing: bool = typer.Option(
+        True, "--pointing/--no-pointing",
+        help="When the patients have opacity boxes, also play the pointing game with the heatmap "
+        "(does its maximum lie in a box, against a random point).",
+    ),
     device: str = _device_option(),
 ) -> None:
     """Evaluate a classifier: ROC per class (the paper's Figure 7), AUCs with 95 % intervals,
-    accuracy and confusion matrix, operating points, opacity AUC by view.
+    accuracy and confusion matrix, operating points, opacity AUC by view, and the pointing
+    game of the heatmap when the data has boxes.
 
     With --split all it scores every patient of any prepared cache (a dataset the model
     never saw). On the cache a k-fold run trained on, out-of-fold probabilities are used.
@@ -373,11 +379,17 @@ def evaluate_classifier_command(
     from lungopacity.engine.evaluate import evaluate_classifier
 
     metrics = evaluate_classifier(run, cache, split=split.value, out_dir=out, n_boot=n_boot, device=device,
-                                  progress=_TqdmProgress())
+                                  progress=_TqdmProgress(), pointing=pointing)
     typer.echo(
         f"{metrics['n']} patients: opacity AUC {metrics['opacity_auc']:.4f}, accuracy {metrics['accuracy']:.3f}; "
         f"report {out / 'report.md'}"
     )
+    game = metrics.get("pointing")
+    if game:
+        typer.echo(
+            f"pointing game, {game['n']} patients with boxes: heatmap maximum in a box {game['hit_rate']:.3f}, "
+            f"random point {game['baseline']:.3f}"
+        )
 
 
 @app.command("train-detector")

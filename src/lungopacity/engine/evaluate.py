@@ -37,6 +37,7 @@ from lungopacity.engine.classifier import (
     softmax_np,
 )
 from lungopacity.engine.common import Progress, resolve_device
+from lungopacity.engine.pointing import evaluate_pointing, positive_positions
 from lungopacity.engine.runs import ClassifierRun, load_classifier_run
 from lungopacity.errors import ConfigError
 from lungopacity.metrics.classification import (
@@ -194,6 +195,7 @@ def evaluate_classifier(
     batch_size: int = 64,
     seed: int = 0,
     progress: Progress | None = None,
+    pointing: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a classifier run on the patients of a prepared cache and write the report.
 
@@ -214,6 +216,10 @@ def evaluate_classifier(
         batch_size: images per forward pass.
         seed: bootstrap seed.
         progress: progress reporter for the prediction pass.
+        pointing: when the evaluated patients include opacity boxes, also play the pointing
+            game with the runtime's heatmap (``metrics['pointing']``, see
+            :mod:`lungopacity.engine.pointing`): each patient explained by its out-of-fold
+            model in a k-fold run on its own cache, else by the run's models averaged.
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -269,6 +275,7 @@ def evaluate_classifier(
 
     need_model = np.isnan(probs).any(axis=1)
     n_models = 0
+    models = None
     if need_model.any():
         torch_device = resolve_device(device)
         models = run.load_models(torch_device)
@@ -290,6 +297,15 @@ def evaluate_classifier(
     predictions = predictions[list(PREDICTION_COLUMNS)]
 
     metrics = classifier_metrics(predictions, n_boot=n_boot, seed=seed)
+    if pointing and len(positive_positions(cache, positions)):
+        torch_device = resolve_device(device)
+        if models is None:
+            models = run.load_models(torch_device)
+        out_of_fold = n_folds > 1 and same_cache and bool((source == SOURCE_OOF).all())
+        metrics["pointing"] = evaluate_pointing(
+            models, cache, positions, input_size=run.input_size, out_of_fold=out_of_fold, n_boot=n_boot, seed=seed,
+            device=torch_device,
+        )
     counts = {name: int((source == name).sum()) for name in (SOURCE_OOF, SOURCE_ENSEMBLE, SOURCE_MODEL)}
     used = [name for name, count in counts.items() if count]
     metrics.update(

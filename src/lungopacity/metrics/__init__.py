@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 # ~1 s import ``lungopacity score`` (boxes and the RSNA metric: pure NumPy) should not pay.
 # The box and RSNA-metric names stay eager: ``rsna_map`` is also the name of a submodule,
 # which a lazy lookup would return instead of the function once the submodule is imported.
-_CLASSIFICATION_NAMES: frozenset[str] = frozenset(
+CLASSIFICATION_NAMES: frozenset[str] = frozenset(
     {
         "AucInterval",
         "DeLongResult",
@@ -80,7 +80,7 @@ _CLASSIFICATION_NAMES: frozenset[str] = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _CLASSIFICATION_NAMES:
+    if name not in CLASSIFICATION_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module("lungopacity.metrics.classification"), name)
     globals()[name] = value

@@ -22,31 +22,13 @@ from scipy import optimize, special, stats
 
 from lungopacity.constants import CLASS_NAMES
 from lungopacity.errors import ConfigError
+from lungopacity.metrics import CLASSIFICATION_NAMES
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "AucInterval",
-    "DeLongResult",
-    "OperatingPoint",
-    "PairedBootstrapResult",
-    "ReliabilityCurve",
-    "bootstrap_auc_ci",
-    "confusion_matrix",
-    "delong_test",
-    "expected_calibration_error",
-    "fit_temperature",
-    "negative_log_likelihood",
-    "one_vs_rest_auc",
-    "paired_bootstrap_auc_test",
-    "reliability_curve",
-    "roc_auc",
-    "roc_curve",
-    "sensitivity_specificity",
-    "softmax",
-    "threshold_at_sensitivity",
-    "youden_threshold",
-]
+# One list of the public names: the package's lazy loader (metrics/__init__.py) holds it,
+# so that it can answer without importing SciPy.
+__all__ = sorted(CLASSIFICATION_NAMES)
 
 # Bootstrap replicates are scored in blocks so that a (block, distinct scores) matrix
 # stays around this many float64 values (~32 MB) whatever the data size.

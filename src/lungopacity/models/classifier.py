@@ -189,6 +189,41 @@ class OpacityClassifier(nn.Module):
         """Pool and classify features from :meth:`forward_features` (``pre_logits``: pooled features only)."""
         return self.model.forward_head(features, pre_logits=pre_logits)
 
+    @property
+    def num_feature_stages(self) -> int:
+        """How many feature stages (timm's ``feature_info``: one per reduction) the backbone has; 0 if unknown."""
+        info = getattr(self.model, "feature_info", None)
+        if info is None or not hasattr(self.model, "forward_intermediates"):
+            return 0
+        return len(info)
+
+    def forward_stages(self, x: torch.Tensor, stages: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final feature map and the maps of some earlier stages, from one forward pass.
+
+        ``stages`` index the backbone's feature stages (timm's ``feature_info``, strides
+        2, 4, 8, 16, 32 for EfficientNet; negative counts from the end). The final map is
+        what :meth:`forward_features` returns (so :meth:`forward_head` takes it) and the
+        stage maps lie on the same graph, so gradients of the logits reach them. No hooks:
+        two calls at once do not see each other's activations.
+
+        Raises:
+            ConfigError: the backbone has no stages (no ``forward_intermediates``), or an
+                index is out of range.
+        """
+        count = self.num_feature_stages
+        if count == 0:
+            raise ConfigError(f"{self.backbone}: backbone exposes no feature stages (timm forward_intermediates)")
+        indices = []
+        for stage in stages:
+            index = int(stage) + count if int(stage) < 0 else int(stage)
+            if not 0 <= index < count:
+                raise ConfigError(f"stage {stage}: {self.backbone} has {count} feature stages (0..{count - 1})")
+            indices.append(index)
+        order = sorted(set(indices))
+        final, maps = self.model.forward_intermediates(self.normalize(x), indices=order)
+        by_index = dict(zip(order, maps))
+        return final, [by_index[index] for index in indices]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for a ``(B, in_chans, H, W)`` float batch in [0, 1]."""
         return self.forward_head(self.forward_features(x))
@@ -270,6 +305,8 @@ def create_classifier(
     in_chans: int = 1,
     drop_rate: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    log: bool = True,
 ) -> OpacityClassifier:
     """Build a classifier on any timm backbone.
 
@@ -289,6 +326,7 @@ def create_classifier(
             config so checkpoints rebuild the same network); they override those the
             weights come with (the offline EfficientNet-Lite weights set ``bn_eps=1e-3``,
             their TensorFlow value).
+        log: log the model built (off where the caller changes the normalisation after).
 
     Raises:
         PretrainedWeightsError: the weights cannot be obtained (hub unreachable: the message
@@ -302,18 +340,19 @@ def create_classifier(
     if found.state_dict is not None and not pretrained_weights.load_state_dict_into(timm_model, found.state_dict, found.origin):
         _init_fresh_head(timm_model)  # the head of the weights had another size (or none came)
     cfg = _classifier_cfg(found.pretrained_cfg, backbone, num_classes, in_chans, found.source)
-    logger.info(
-        "classifier %s: %d channel(s), %d classes, pretrained=%s, mean=%s, std=%s",
-        backbone,
-        in_chans,
-        num_classes,
-        pretrained,
-        cfg["mean"],
-        cfg["std"],
-    )
     if kwargs:
         cfg["model_kwargs"] = kwargs
-    return OpacityClassifier(timm_model, cfg, drop_rate=drop_rate)
+    model = OpacityClassifier(timm_model, cfg, drop_rate=drop_rate)
+    if log:
+        _log_built(model, "built")
+    return model
+
+
+def _log_built(model: OpacityClassifier, how: str) -> None:
+    """One INFO line with the normalisation the model really applies (logged once it is final)."""
+    cfg = model.pretrained_cfg
+    logger.info("classifier %s %s: %d channel(s), %d classes, pretrained=%s, mean=%s, std=%s",
+                cfg["backbone"], how, model.in_chans, model.num_classes, cfg.get("pretrained"), cfg["mean"], cfg["std"])
 
 
 def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
@@ -332,6 +371,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
         in_chans=int(config["in_chans"]),
         drop_rate=float(config.get("drop_rate", 0.0)),
         model_kwargs=config.get("model_kwargs"),
+        log=False,  # its default normalisation is replaced below; the line says the final one
     )
     cfg = model.pretrained_cfg
     for key in ("input_size", "interpolation", "class_names", "pretrained"):
@@ -340,6 +380,7 @@ def classifier_from_config(config: Mapping[str, Any]) -> OpacityClassifier:
     if len(cfg["class_names"]) != model.num_classes:
         raise ConfigError(f"config has {len(cfg['class_names'])} class names for {model.num_classes} classes")
     model.set_normalization(config.get("mean", cfg["mean"]), config.get("std", cfg["std"]))
+    _log_built(model, "rebuilt from its config")
     return model
 
 

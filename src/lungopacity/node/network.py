@@ -23,6 +23,10 @@ from typing import Any
 
 from lungopacity.errors import ConfigError, LungOpacityError
 from lungopacity.inference.dicom_output import RESULT_SOP_CLASSES, multipart_related
+from lungopacity.io.dicom_pixels import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN as DEFLATED_LE
+from lungopacity.io.dicom_pixels import EXPLICIT_VR_BIG_ENDIAN as EXPLICIT_BE
+from lungopacity.io.dicom_pixels import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
+from lungopacity.io.dicom_pixels import IMPLICIT_VR_LITTLE_ENDIAN as IMPLICIT_LE
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,6 @@ ACCEPTED_SOP_CLASSES: dict[str, str] = {
     DX_FOR_PROCESSING: "Digital X-Ray Image Storage - For Processing",
     SECONDARY_CAPTURE_IMAGE: "Secondary Capture Image Storage",
 }
-IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 JPEG_BASELINE, JPEG_EXTENDED = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"
 COMPRESSED_SYNTAXES = (
     JPEG_BASELINE, JPEG_EXTENDED, "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",

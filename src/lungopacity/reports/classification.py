@@ -176,8 +176,43 @@ def classification_report_markdown(metrics: Mapping[str, Any], figures: Mapping[
         lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |")
     if figures.get("confusion_matrix"):
         lines += ["", f"![Confusion matrix]({figures['confusion_matrix']})"]
+    lines += _pointing_paragraph(metrics.get("pointing"))
     lines += ["", "Per-patient probabilities: `predictions.csv`; every number above: `metrics.json`.", ""]
     return "\n".join(lines)
+
+
+def _pointing_paragraph(pointing: Mapping[str, Any] | None) -> list[str]:
+    """The pointing-game section (empty when the evaluated patients had no boxes)."""
+    if not pointing:
+        return []
+    heatmap = pointing.get("heatmap") or {}
+    verdict = (
+        "the heatmap's maximum hits a box clearly more often than a random point (interval of the gain above 0). "
+        "That is a low bar: a point anywhere in the usual opacity region clears it too (on the shared RSNA images "
+        "a fixed, model-free prior of where opacities lie hit more often than the heatmap; BENCHMARKS.md, "
+        "\"Pointing game\"), so read the map as what raised the score, not as where the opacity is"
+        if pointing.get("beats_baseline")
+        else "the heatmap's maximum does **not** hit a box clearly more often than a random point "
+        "(the interval of the gain includes 0 or lies below it): do not read the map as where the opacity is"
+    )
+    return [
+        "",
+        "## Pointing game (does the heatmap's maximum lie inside an opacity box?)",
+        "",
+        f"{pointing['n']} patients with opacity boxes; heatmap: {heatmap.get('method', '?')} of stages "
+        f"{', '.join(str(stage) for stage in heatmap.get('stages', []))}"
+        f"{' with horizontal-flip averaging' if heatmap.get('hflip') else ''}, explained by {pointing.get('explained_by', '?')}. "
+        "Baseline: the boxes' share of the image (a random point's chance). "
+        f"95 % intervals: {pointing.get('n_boot')} bootstrap resamples of the patients.",
+        "",
+        "| measure | value | 95 % CI |",
+        "|---|---|---|",
+        f"| hit rate | {_fmt(pointing['hit_rate'])} | {_fmt_ci(pointing['hit_rate_ci'])} |",
+        f"| baseline (random point) | {_fmt(pointing['baseline'])} | |",
+        f"| gain (hit - baseline, paired) | {_fmt(pointing['gain'])} | {_fmt_ci(pointing['gain_ci'])} |",
+        "",
+        f"Reading: {verdict}.",
+    ]
 
 
 def write_classification_report(metrics: Mapping[str, Any], predictions: pd.DataFrame, out_dir: str | Path) -> Path:

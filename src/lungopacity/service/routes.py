@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from enum import Enum
 from importlib import resources
 from typing import Any
 
@@ -43,11 +44,35 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "the server was started with a token and the request lacks it"},
     408: {"model": ErrorResponse, "description": "the upload took too long or stalled"},
     413: {"model": ErrorResponse, "description": "upload, or the image's pixel count, over the limit"},
-    415: {"model": ErrorResponse, "description": "not a DICOM, PNG, JPEG or TIFF (sniffed from the content)"},
+    415: {"model": ErrorResponse, "description": "not a DICOM, PNG, JPEG or TIFF (sniffed from the content); "
+          "with format=dicom, not a DICOM"},
     421: {"model": ErrorResponse, "description": "the Host header names a host this server does not serve"},
     422: {"model": ErrorResponse, "description": "recognised format but unreadable image"},
     503: {"model": ErrorResponse, "description": "busy (uploads or queue full, see Retry-After) or model not loaded"},
     500: {"model": ErrorResponse, "description": "internal error (no details are given)"},
+    501: {"model": ErrorResponse, "description": "format=dicom on a server without the DICOM libraries (lungopacity[dicom])"},
+}
+
+DICOM_MEDIA_TYPE = 'multipart/related; type="application/dicom"'
+
+
+class ResultFormat(str, Enum):
+    """What ``POST /v1/predict`` answers with."""
+
+    json = "json"
+    dicom = "dicom"
+
+
+_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "format=json: the reading (below). format=dicom: a multipart/related body of three "
+                       "DICOM Part 10 files, as a STOW-RS request carries them: the Structured Report "
+                       "(TID 1500), the Grayscale Softcopy Presentation State with the boxes, and the "
+                       "Secondary Capture with the overlay, in the upload's study as new series; the "
+                       "reading's decision, probability and model version also come as X-Lungopacity-* headers.",
+        "content": {DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **ERROR_RESPONSES,
 }
 
 _PREDICT_BODY = {
@@ -94,6 +119,15 @@ def ready_predictor(state: ServiceState, headers: dict[str, str] | None = None) 
             headers,
         )
     raise ApiError(503, "not_ready", "The model is still loading; try again in a few seconds.", {"Retry-After": "5", **(headers or {})})
+
+
+def dicom_results_available() -> None:
+    """Raise :class:`ApiError` 501 when this server cannot make DICOM results."""
+    import importlib.util
+
+    if importlib.util.find_spec("highdicom") is None:
+        raise ApiError(501, "dicom_unavailable",
+                       "This server cannot make DICOM results: the administrator must install lungopacity[dicom].")
 
 
 def build_router(
@@ -152,19 +186,27 @@ def build_router(
     @router.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=ERROR_RESPONSES,
+        responses=_PREDICT_RESPONSES,
         openapi_extra=_PREDICT_BODY,
         tags=["predict"],
     )
-    async def predict(request: Request, images: bool = True, heatmap: bool = False) -> JSONResponse:
+    async def predict(
+        request: Request, images: bool = True, heatmap: bool = False,
+        format: ResultFormat = ResultFormat.json,  # noqa: A002 - the query name
+    ) -> Response:
         """Read one radiograph (multipart field ``file``; optional ``sex``, ``age``, ``view``).
 
         ``images`` (default true): add ``image_jpeg``, the radiograph at display size
         (the boxes are numbers in original pixels; a client draws them over it).
         ``heatmap=true``: add ``heatmap_png``, the Grad-CAM layer (costs a backward pass;
-        the page asks for it only when the heatmap is switched on).
+        the page asks for it only when the heatmap is switched on). Set ``format=dicom``
+        (DICOM uploads only) for the results as DICOM objects instead of JSON: SR, GSPS and
+        Secondary Capture in one ``multipart/related`` body, for a viewer or PACS to store.
         """
         began = time.perf_counter()
+        as_dicom = format is ResultFormat.dicom
+        if as_dicom:
+            dicom_results_available()
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise too_large(settings.max_upload_bytes)
@@ -198,6 +240,8 @@ def build_router(
         overrides = parse_overrides(form.fields)
         data, upload = check_upload(form, settings.max_pixels)
         digest = upload.sha256
+        if as_dicom and upload.format != "dicom":
+            raise ApiError(415, "not_dicom", f"format=dicom makes DICOM results, which need a DICOM upload; this is a {upload.format.upper()} file.")
 
         # 3. An inference ticket, then the reading.
         if not gate.try_admit():
@@ -207,10 +251,21 @@ def build_router(
         name = f"upload-{digest}"
 
         def infer() -> Reading:
-            return predictor.read(data, name, with_images=images, **_heatmap_option(heatmap), **overrides)
+            return predictor.read(data, name, with_images=images and not as_dicom,
+                                  **_heatmap_option(heatmap and not as_dicom), **overrides)
+
+        def infer_dicom() -> tuple[Reading, bytes, str]:
+            from lungopacity.inference.dicom_output import dicom_results_for_upload, multipart_related
+
+            reading, results = dicom_results_for_upload(predictor, data, name, **overrides)  # type: ignore[arg-type]
+            body, content_type = multipart_related(results.encoded().values())
+            return reading, body, content_type
 
         try:
-            reading, waited = await gate.run(infer)  # returns the ticket when the work ends
+            if as_dicom:
+                (reading, dicom_body, dicom_type), waited = await gate.run(infer_dicom)
+            else:
+                reading, waited = await gate.run(infer)  # returns the ticket when the work ends
         except InputError as exc:
             log.info("upload %s: %s unreadable (422)", digest, upload.format)
             cause = getattr(exc, "cause", None) or str(exc).split(": ", 1)[-1]
@@ -223,6 +278,16 @@ def build_router(
                 f"(reference {digest}).",
             ) from None
         total = time.perf_counter() - began
+        if as_dicom:
+            prediction = reading.prediction
+            decision = "none" if prediction.decision is None else str(prediction.decision).lower()
+            log.info("upload %s: %d bytes, dicom results, decision=%s, %.2f s", digest, upload.bytes, decision, total)
+            return Response(dicom_body, media_type=dicom_type, headers={
+                "Cache-Control": "no-store",
+                "X-Lungopacity-Decision": decision,
+                "X-Lungopacity-Probability": f"{prediction.opacity_probability:.6f}",
+                "X-Lungopacity-Model-Version": str(predictor.version),
+            })
         body = predict_response(reading, upload, queue_wait=waited, server_total=total)
         log.info("upload %s: %d bytes, %s, decision=%s, %.2f s", digest, upload.bytes, upload.format, body.decision, total)
         return JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store"})
