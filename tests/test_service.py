@@ -230,7 +230,7 @@ def test_predict_returns_the_full_reading(client: TestClient, fake: FakePredicto
     assert body["image_jpeg"].startswith(prefix)
     assert base64.b64decode(body["image_jpeg"][len(prefix):]) == expected.display_jpeg
     assert body["display_size"] == [48, 64]
-    assert body["heatmap_png"] is None and "overlay_png" not in body
+    assert body["heatmap_png"] is None and body["heatmap_caption"] is None and "overlay_png" not in body
     assert fake.calls[0]["name"] == f"upload-{digest}"  # never the file name
     assert fake.calls[0]["with_heatmap"] is False
 
@@ -246,6 +246,9 @@ def test_heatmap_true_adds_the_heatmap_layer(client: TestClient, fake: FakePredi
     layer = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"][len(prefix):])))
     assert layer.mode == "RGBA" and layer.size == (32, 24)
     assert body["decision"] is True  # the reading comes with it, the same as without
+    from lungopacity.inference.gradcam import HEATMAP_CAPTION
+
+    assert body["heatmap_caption"] == HEATMAP_CAPTION
 
 
 def test_negative_reading_says_no_opacity(client: TestClient) -> None:

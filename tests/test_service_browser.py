@@ -216,7 +216,9 @@ def test_upload_shows_the_reading_in_the_viewer(browser: Any, server_url: str, t
         expect(page.locator("#box-layer")).to_be_visible()  # the heatmap adds to the boxes
         expect(page.locator("#legend li")).to_have_count(2)
         expect(page.locator("#legend li.heatmap")).to_contain_text("Grad-CAM heatmap")
-        assert page.text_content("#picture-caption").startswith("Heatmap: Grad-CAM")
+        from lungopacity.inference.gradcam import HEATMAP_CAPTION
+
+        assert page.text_content("#picture-caption").startswith("Heatmap: " + HEATMAP_CAPTION)  # the measured wording
         page.screenshot(path="/tmp/service_desktop_heatmap.png")
 
         # Download of the JSON result.

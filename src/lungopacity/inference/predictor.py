@@ -403,7 +403,9 @@ class Predictor:
         overlay = png_bytes(overlay_image(display, None, boxes, scores, scale=scale), compress_level=PNG_COMPRESS_LEVEL)
         heat_png = None
         if heatmap is not None:
-            picture = heatmap_picture(display, heatmap, boxes, scores, scale=scale)
+            from lungopacity.inference.gradcam import HEATMAP_TITLE
+
+            picture = heatmap_picture(display, heatmap, boxes, scores, scale=scale, title=HEATMAP_TITLE)
             heat_png = png_bytes(picture, compress_level=PNG_COMPRESS_LEVEL)
         return overlay, heat_png
 

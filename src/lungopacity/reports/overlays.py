@@ -394,15 +394,17 @@ def heatmap_picture(
     gt_boxes: ArrayLike | None = None,
     scale: float | tuple[float, float] = 1.0,
     label: str = "Grad-CAM",
+    title: str | None = None,
 ) -> Image.Image:
     """The heatmap over the image, the boxes on top of it, and a colour bar at the right.
 
     The picture is the image's width plus a strip for the bar, which is labelled
-    ``label`` with its ends "high" and "low" (the map is relative: 1 is its own maximum).
+    ``label`` with its ends "high" and "low" (the map is relative: 1 is its own maximum);
+    ``title`` is written at the top left (e.g. what the map may be read as).
     The legend names the box kinds drawn (see :func:`overlay_image`).
     """
     blended = heatmap_overlay(pixels, heatmap01)
-    over = overlay_image(blended, gt_boxes, pred_boxes, pred_scores, scale=scale)
+    over = overlay_image(blended, gt_boxes, pred_boxes, pred_scores, title, scale=scale)
     height, width = blended.shape[:2]
     _, font_size = _sizes(height, width)
     font = _font(max(10, round(font_size * 0.8)))

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from lungopacity.inference import Prediction, Reading
+from lungopacity.inference.gradcam import HEATMAP_CAPTION
 
 #: Shown with every result, on the page and in the API answer.
 DISCLAIMER = (
@@ -97,6 +98,9 @@ class PredictResponse(BaseModel):
         "(viridis colour scale, relative: 1 is the map's maximum; transparent where low and outside the image "
         "content), with image_jpeg's aspect ratio and at most 256 pixels long, to be stretched over image_jpeg "
         "under the boxes"
+    )
+    heatmap_caption: str | None = Field(
+        None, description="with heatmap_png: what the heatmap shows and may not be read as (measured on real boxes)"
     )
 
 
@@ -213,4 +217,5 @@ def predict_response(reading: Reading, upload: UploadInfo, *, queue_wait: float,
         image_jpeg=jpeg_data_url(getattr(reading, "display_jpeg", None)),
         display_size=[int(v) for v in reading.display_size] if getattr(reading, "display_size", None) else None,
         heatmap_png=png_data_url(getattr(reading, "heatmap_layer_png", None)),
+        heatmap_caption=HEATMAP_CAPTION if getattr(reading, "heatmap_layer_png", None) else None,
     )

@@ -204,7 +204,7 @@
     return {
       data: null, file: null, form: null, original: null, rows: 0, cols: 0,
       zoom: 1, tx: 0, ty: 0, level: DEFAULT_LEVEL, width: DEFAULT_WIDTH,
-      layer: "boxes", heatmap: null, heatmapPending: false,
+      layer: "boxes", heatmap: null, heatmapCaption: "", heatmapPending: false,
     };
   }
 
@@ -458,10 +458,9 @@
 
   // ----- layers: image only, boxes, boxes + heatmap (the heatmap never hides the boxes).
 
-  const HEATMAP_CAPTION =
-    "Heatmap: Grad-CAM of the classifier's opacity score (viridis scale, relative: yellow is this map's " +
-    "maximum; drawn only where it is high and only over the image). It is coarse and is not a location " +
-    "of opacity: the boxes are the model's locations.";
+  // The server's caption (inference/gradcam.py HEATMAP_CAPTION, worded after the pointing game)
+  // comes with the heatmap; this says how it is drawn.
+  const HEATMAP_DRAWING = " Viridis scale, relative (yellow is this map's maximum), drawn only where it is high and only over the image.";
 
   function legendItem(kind, text) {
     const item = document.createElement("li");
@@ -499,7 +498,7 @@
     let caption;
     if (view.layer === "plain") caption = "The image alone.";
     else if (view.layer === "heatmap" && view.heatmapPending) caption = "Computing the heatmap…";
-    else if (heat) caption = HEATMAP_CAPTION;
+    else if (heat) caption = "Heatmap: " + (view.heatmapCaption || "Grad-CAM of the classifier's opacity score; not a localisation.") + HEATMAP_DRAWING;
     else caption = data.boxes.length ? "Boxes mark where the model found opacity." : "No opacity boxes.";
     pictureCaption.textContent = caption;
   }
@@ -534,6 +533,7 @@
       }
       if (data.upload.sha256 !== expected) throw new Error("the server read another file");
       view.heatmap = data.heatmap_png;
+      view.heatmapCaption = data.heatmap_caption || "";
       setStatus("Heatmap shown.");
     } catch (err) {
       if (mine !== generation) return;
