@@ -3,7 +3,7 @@
 Run (under ``flock /work/wt/cpu.lock`` on the shared machine)::
 
     git worktree add --detach /tmp/old 20511ce
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_viewer.py --bundle demo-run/model \\
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_viewer.py --bundle runs/viewer/demo/model \\
         --old-src /tmp/old/src --dicoms /work/shared/data/rsna-dicom/stage_2_train_images --out /tmp/bench
 
 Each measurement runs in a subprocess with ``PYTHONPATH`` set to the old or the new
