@@ -383,7 +383,7 @@ def load_offline_state_dict(name: str) -> OrderedDict[str, torch.Tensor]:
     """
     spec = _offline_spec(name)
     path = spec.path()
-    source = _torch_load(path)
+    source = _load_torch_file(path)
     layout = _timm_layout(spec.backbone)
     if len(source) != len(layout) or len(source) != spec.num_tensors:
         raise PretrainedWeightsError(
@@ -410,7 +410,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _torch_load(path: Path) -> Mapping[str, Any]:
+def _load_torch_file(path: Path) -> Mapping[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt files raise many different types; name the file once
@@ -460,7 +460,7 @@ def read_weight_file(path: str | Path) -> tuple[OrderedDict[str, torch.Tensor], 
                 path, f"cannot read weights ({type(error).__name__}: {_first_line(error)})"
             ) from error
     else:
-        loaded = _torch_load(path)
+        loaded = _load_torch_file(path)
         if isinstance(loaded.get("config"), Mapping):
             config = dict(loaded["config"])
         for wrapper_key in _WRAPPER_KEYS:
