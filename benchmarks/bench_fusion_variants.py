@@ -24,9 +24,10 @@ AUC, a bootstrap interval and the paired DeLong test against the image alone:
   the logit differences that sex / age / view make;
 * (c) the paper's fusion network as it is (``engine.fusion.cross_fit_scores``, 6 inputs).
 
-(b) trains 5 folds x the image run's epochs (about 12 minutes on 2 CPU cores for Lite0
-at 256 px) into ``--penultimate-run`` and is reused from its ``oof.csv`` afterwards
-(``--penultimate-only`` trains it and stops). Needs scikit-learn (the dev extra) and the
+(b) and (b') each train 5 folds x the image run's epochs (7-9 minutes on 2 CPU cores for
+Lite0 at 256 px, 3 epochs) into ``--penultimate-run`` / ``--penultimate-boost-run`` and are
+reused from their ``oof.csv`` afterwards (``--penultimate-only`` trains them and stops);
+the rest takes seconds. Needs scikit-learn (the dev extra) and the
 shared data folder; run from the repository root:
 
     python benchmarks/bench_fusion_variants.py --image-run runs/lite0_256 --cache runs/cache256 \\
