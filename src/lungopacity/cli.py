@@ -513,7 +513,11 @@ def train_fusion_command(
 @app.command("bundle")
 @user_errors
 def bundle_command(
-    classifier: Path = typer.Option(..., "--classifier", help="Classifier run folder (train-classifier --out)."),
+    classifier: list[Path] = typer.Option(
+        ..., "--classifier",
+        help="Classifier run folder (train-classifier --out); repeat it to put several runs of one architecture "
+        "on the same cache and folds (e.g. seeds) into one ensemble.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced if present)."),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="Fusion folder (train-fusion --out)."),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector run folder (train-detector --out)."),

@@ -39,6 +39,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,9 +58,10 @@ from lungopacity.engine.calibration import (
     opacity_from_logits,
 )
 from lungopacity.data.cache import PreparedCache
+from lungopacity.devices import resolve_device
 from lungopacity.engine.checkpoint import atomic_write_json
-from lungopacity.engine.runs import LOGIT_COLUMNS, ClassifierRun, load_classifier_run
-from lungopacity.errors import RunFolderError
+from lungopacity.engine.runs import LOGIT_COLUMNS, PROBABILITY_COLUMNS, ClassifierRun, load_classifier_run
+from lungopacity.errors import ConfigError, RunFolderError
 from lungopacity.inference.applicability import APPLICABILITY_FILE
 from lungopacity.inference.bundle import sha256_file
 from lungopacity.inference.manifest import (
@@ -97,6 +99,70 @@ def _save_tensors(module: torch.nn.Module, path: Path) -> str:
 
 # ------------------------------------------------------------------ the training side's outputs
 # The only calls into the training code; the integrator adapts them to the typed run folders.
+
+
+def check_ensemble_runs(runs: Sequence[ClassifierRun]) -> None:
+    """Several classifier runs can share one bundle only as one architecture on one split.
+
+    A bundle holds one model config for all members (logits averaged), and its held-out
+    figures need every patient held out by the same fold in every run; so the runs must
+    agree on the model config, the input size, the cache (its patients) and the folds.
+
+    Raises:
+        ConfigError: naming the run that differs and how.
+    """
+    first = runs[0]
+    for other in runs[1:]:
+        differences = []
+        if other.model_config != first.model_config:
+            differences.append(f"model {other.model_config.get('backbone')} vs {first.model_config.get('backbone')}"
+                               if other.model_config.get("backbone") != first.model_config.get("backbone")
+                               else "model config")
+        if other.input_size != first.input_size:
+            differences.append(f"input size {other.input_size} vs {first.input_size}")
+        if (other.cache.patients_hash, other.cache.size, other.cache.window) != \
+                (first.cache.patients_hash, first.cache.size, first.cache.window):
+            differences.append("prepared cache (patients, size or window)")
+        if other.folds != first.folds:
+            differences.append(f"folds {other.folds} vs {first.folds}")
+        if other.path.resolve() == first.path.resolve():
+            differences.append("the same run twice")
+        if differences:
+            raise ConfigError("--classifier", f"{other.path} cannot join {first.path} in one bundle: "
+                                              + ", ".join(differences))
+
+
+def ensemble_held_out(runs: Sequence[ClassifierRun]) -> pd.DataFrame:
+    """The held-out table of the runs' members together: per patient the mean of the runs' logits.
+
+    Each patient's logits in a run come from the fold model that did not train on it;
+    with the runs on the same folds, their mean is what the members that never saw the
+    patient say together (at run time all members are averaged alike). One run: its table.
+
+    Raises:
+        RunFolderError: a run holds out other patients, or the same patient in another fold.
+    """
+    tables = [r.held_out_predictions() for r in runs]
+    if len(tables) == 1:
+        return tables[0]
+    first = tables[0].set_index("patientId")
+    logits = first[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+    for r, table in zip(runs[1:], tables[1:]):
+        table = table.set_index("patientId")
+        if set(table.index) != set(first.index):
+            raise RunFolderError(r.held_out_path, f"holds out {len(table)} patients, {runs[0].held_out_path} "
+                                                  f"{len(first)}: the runs must be on the same cache and folds")
+        table = table.loc[first.index]
+        if "fold" in first.columns and (table["fold"].to_numpy() != first["fold"].to_numpy()).any():
+            raise RunFolderError(r.held_out_path, "holds patients out in other folds than "
+                                                  f"{runs[0].held_out_path}: train on the same cache's folds")
+        logits = logits + table[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+    logits /= len(tables)
+    merged = first.copy()
+    merged[list(LOGIT_COLUMNS)] = logits
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    merged[list(PROBABILITY_COLUMNS)] = shifted / shifted.sum(axis=1, keepdims=True)
+    return merged.reset_index()
 
 
 def _member_held_out_ids(run: ClassifierRun, n_members: int) -> list[set[str]]:
@@ -355,7 +421,7 @@ def _validation(target: np.ndarray, final: np.ndarray, image: np.ndarray, thresh
 
 def build_bundle(
     out: str | Path,
-    classifier_run: str | Path,
+    classifier_run: str | Path | Sequence[str | Path],
     *,
     fusion_dir: str | Path | None = None,
     detector_run: str | Path | None = None,
@@ -369,7 +435,9 @@ def build_bundle(
 
     Args:
         out: the bundle folder to write (replaced if it exists).
-        classifier_run: a ``train-classifier`` run (all its fold models go in).
+        classifier_run: a ``train-classifier`` run (all its fold models go in), or several
+            runs of one architecture on the same cache and folds (e.g. seeds): all their
+            fold models go in and the held-out logits are averaged (:func:`ensemble_held_out`).
         fusion_dir: a ``train-fusion`` output folder (optional; kept only by :data:`FUSION_RULE`).
         detector_run: a ``train-detector`` run (optional).
         cache_dir: the prepared cache the classifier was trained on (default: the path
@@ -379,19 +447,28 @@ def build_bundle(
         detector_postprocess: box post-processing to use instead of the detector run's
             own: an ``evaluate-detector`` ``report.json`` (its main variant, e.g. tuned
             with classifier gating) or a JSON post-processing config.
-        device: where the members compute the features of the applicability fit.
+        device: where the members compute the features of the applicability fit
+            (``auto``: a GPU when there is one).
         max_gate_images: images per member for the applicability fit and threshold
             (default :data:`lungopacity.engine.applicability.MAX_IMAGES`).
     """
     from lungopacity.engine.applicability import MAX_IMAGES, PERCENTILE, fit_members, header_rules
 
-    out, classifier_run = Path(out), Path(classifier_run)
-    run = load_classifier_run(classifier_run)
-    models = run.load_models()
+    out = Path(out)
+    device = str(resolve_device(device))  # "auto" (the CLI's default) is not a torch device
+    run_paths = [Path(classifier_run)] if isinstance(classifier_run, (str, Path)) else [Path(r) for r in classifier_run]
+    if not run_paths:
+        raise ConfigError("--classifier", "give at least one classifier run")
+    runs = [load_classifier_run(path) for path in run_paths]
+    run = runs[0]
+    check_ensemble_runs(runs)
+    run_models = [member_run.load_models() for member_run in runs]
+    models = [model for member_models in run_models for model in member_models]
     cache = PreparedCache(Path(cache_dir) if cache_dir else run.cache.path)
     table = cache.table.iloc[cache.indices()].reset_index(drop=True)
-    held_out = run.held_out_predictions()
-    held_ids = _member_held_out_ids(run, len(models))
+    held_out = ensemble_held_out(runs)
+    held_ids = [ids for member_run, member_models in zip(runs, run_models)
+                for ids in _member_held_out_ids(member_run, len(member_models))]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -494,7 +571,9 @@ def build_bundle(
             ),
             "training_data": data.to_dict(),
             "model": {"classifier_backbone": run.model_config.get("backbone"), "members": len(members),
-                      "classifier_training": run.train.to_dict()},
+                      "classifier_training": run.train.to_dict(),
+                      "classifier_runs": [{"path": str(r.path), "seed": r.train.seed, "members": len(m)}
+                                          for r, m in zip(runs, run_models)]},
             "decision": decision_card,
             "validation": validation,
             "calibration": calibration_card,
