@@ -127,11 +127,10 @@ def gate_values(probs: pd.DataFrame, ids: list[str]) -> dict[str, np.ndarray | N
 
 
 def fuse_all(boxes: list[np.ndarray], scores: list[np.ndarray], fusion: str, iou: float, n_models: int):
-    from lungopacity.postprocess import PostprocessConfig, _fuse
+    """Every patient's boxes fused once (no gating, shrink or threshold: the scores are >= 0)."""
+    from lungopacity.postprocess import PostprocessConfig, apply_postprocess_all
 
-    config = PostprocessConfig(fusion=fusion, fusion_iou=iou, n_models=n_models)
-    fused = [_fuse(b, s, config) for b, s in zip(boxes, scores)]
-    return [b for b, _ in fused], [s for _, s in fused]
+    return apply_postprocess_all(boxes, scores, None, PostprocessConfig(fusion=fusion, fusion_iou=iou, n_models=n_models))
 
 
 class Scorer:
