@@ -418,6 +418,10 @@ def train_detector_command(
     epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs (early stopping may end sooner)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per training step."),
     lr: float = typer.Option(3e-4, "--lr", min=0.0, help="Peak learning rate (AdamW, warm-up + cosine)."),
+    fold: Optional[int] = typer.Option(
+        None, "--fold", min=0,
+        help="Validate on the cache's fold K (prepare --folds) and train on the others (default: its train/val split).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling and augmentation."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Box-aware scale/shift/rotation + intensity."),
     hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (boxes move along)."),
@@ -439,7 +443,7 @@ def train_detector_command(
 
     config = DetectorTrainConfig(
         arch=arch.value, backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, augment=augment, hflip=hflip, patience=patience, device=device, num_workers=workers,
+        fold=fold, seed=seed, augment=augment, hflip=hflip, patience=patience, device=device, num_workers=workers,
         max_steps_per_epoch=max_steps,
     )
     result = train_detector(cache, out, config, resume=resume, progress=_TqdmProgress())

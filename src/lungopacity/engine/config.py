@@ -110,6 +110,9 @@ class DetectorTrainConfig(_DictForm):
     recipe: str = "finetune"  # see engine.common.build_optimizer
     lr: float | None = 3e-4  # None: the recipe's default
     weight_decay: float | None = None
+    # None: the cache's train/val split; K: validate on the cache's fold K (its ``fold``
+    # column, written by `prepare --folds N`) and train on the other folds
+    fold: int | None = None
     seed: int = 0
     augment: bool = True
     hflip: bool = False
@@ -130,3 +133,5 @@ class DetectorTrainConfig(_DictForm):
         """Raise :class:`ConfigError` (naming the option) for a value training cannot use."""
         _check_common(self)
         _check_choice("--arch", self.arch, tuple(ARCHITECTURES))
+        if self.fold is not None and self.fold < 0:
+            raise ConfigError("--fold", f"must be >= 0, got {self.fold}")

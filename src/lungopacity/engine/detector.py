@@ -84,7 +84,7 @@ from lungopacity.engine.runs import (
     load_detector_run,
     run_settings,
 )
-from lungopacity.errors import DataFormatError
+from lungopacity.errors import ConfigError, DataFormatError
 from lungopacity.io.submission import write_submission
 from lungopacity.metrics.rsna_map import rsna_map
 from lungopacity.models.detector import OPACITY_LABEL, create_detector
@@ -96,7 +96,7 @@ RUN_KIND = DETECTOR_KIND
 __all__ = [
     "BEST_FILE", "CONFIG_FILE", "LAST_FILE", "METRICS_FILE", "POSTPROCESS_FILE", "POSTPROCESS_GRID_FILE", "RUN_KIND",
     "VAL_PREDICTIONS_FILE", "BoxPredictions", "DetectorRun", "DetectorTrainConfig", "DetectorTrainResult",
-    "best_threshold_map", "detection_losses", "detection_targets", "gt_boxes", "load_detector_run", "predict_boxes",
+    "best_threshold_map", "detection_losses", "detector_positions", "detection_targets", "gt_boxes", "load_detector_run", "predict_boxes",
     "prepare_detection_batch", "train_detector",
 ]
 
@@ -260,6 +260,32 @@ def best_threshold_map(gt: list[np.ndarray], predictions: BoxPredictions) -> tup
 # ---------------------------------------------------------------------- training
 
 
+def detector_positions(cache: PreparedCache, fold: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) cache positions: the cache's train/val split (``fold`` None), or
+    the patients of every other fold and those of fold ``fold`` (the cache's ``fold`` column).
+
+    Raises:
+        ConfigError: the cache has no fold ``fold``.
+        DataFormatError: the split leaves a part without usable patients.
+    """
+    if fold is None:
+        train, val = cache.indices("train"), cache.indices("val")
+        if len(train) == 0 or len(val) == 0:
+            raise DataFormatError(cache.path, f"the cache's split has {len(train)} train and {len(val)} val patients")
+        return train, val
+    usable = cache.indices()
+    column = pd.to_numeric(cache.table["fold"].iloc[usable], errors="coerce").to_numpy()
+    present = sorted({int(v) for v in column[np.isfinite(column)]})
+    if fold not in present:
+        have = f"folds {present[0]}..{present[-1]}" if present else "no folds"
+        raise ConfigError("--fold", f"the cache {cache.path} has {have}, not fold {fold} (made by `prepare --folds K`)")
+    val = usable[column == fold]
+    train = usable[np.isfinite(column) & (column != fold)]
+    if len(train) == 0:
+        raise DataFormatError(cache.path, f"no usable patient outside fold {fold} to train on")
+    return train, val
+
+
 class _DetectorTask(TrainingTask):
     """The detector's share of the loop: torchvision loss steps and an RSNA-metric evaluation."""
 
@@ -396,10 +422,7 @@ def train_detector(
     cache = PreparedCache(cache_dir)
     config = run_settings(run_dir, cache, config, resume=resume, default=DetectorTrainConfig)
     config.validate()
-    train_positions, val_positions = cache.indices("train"), cache.indices("val")
-    if len(train_positions) == 0 or len(val_positions) == 0:
-        raise DataFormatError(cache.path, f"the cache's split has {len(train_positions)} train and "
-                                          f"{len(val_positions)} val patients")
+    train_positions, val_positions = detector_positions(cache, config.fold)
     device, context, progress = training_context(config.device, progress)
     if context.is_main:
         remove_stale_temp_files(run_dir)
