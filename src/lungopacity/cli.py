@@ -330,6 +330,11 @@ def train_classifier_command(
         "| last (the final epoch, no early stopping).",
     ),
     grad_clip: float = typer.Option(5.0, "--grad-clip", min=0.0, help="Gradient norm clip (0 disables)."),
+    box_supervision: float = typer.Option(
+        0.0, "--box-supervision", min=0.0,
+        help="Weight of a loss that trains the head's opacity activation map against the boxes (0 disables; "
+        "BENCHMARKS.md).",
+    ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -353,7 +358,7 @@ def train_classifier_command(
     config = ClassifierTrainConfig(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
         recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
-        patience=patience, select=select.value, grad_clip=grad_clip, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
     m = result.metrics

@@ -209,6 +209,43 @@ def _fold_positions(cache: PreparedCache, config: ClassifierTrainConfig) -> list
     return fold_positions(cache, config.folds)
 
 
+def box_coverage(boxes: list[torch.Tensor], height: int, width: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Share of each cell of a ``grid_h x grid_w`` grid over the image that a box covers.
+
+    ``boxes``: per image, xyxy in the image's ``height x width`` pixels. Returns
+    ``(B, grid_h, grid_w)`` in [0, 1]; where boxes overlap, a cell takes its largest share.
+    """
+    device = boxes[0].device if boxes else torch.device("cpu")
+    out = torch.zeros(len(boxes), grid_h, grid_w, device=device)
+    cell_y0 = torch.arange(grid_h, device=device, dtype=torch.float32) * (height / grid_h)
+    cell_x0 = torch.arange(grid_w, device=device, dtype=torch.float32) * (width / grid_w)
+    for b, image_boxes in enumerate(boxes):
+        if image_boxes.numel() == 0:
+            continue
+        x1, y1, x2, y2 = image_boxes.float().unbind(1)
+        overlap_x = ((torch.minimum(x2[:, None], cell_x0 + width / grid_w) - torch.maximum(x1[:, None], cell_x0))
+                     .clamp(min=0) / (width / grid_w))
+        overlap_y = ((torch.minimum(y2[:, None], cell_y0 + height / grid_h) - torch.maximum(y1[:, None], cell_y0))
+                     .clamp(min=0) / (height / grid_h))
+        out[b] = (overlap_y[:, :, None] * overlap_x[:, None, :]).amax(0)
+    return out
+
+
+def box_map_loss(maps: torch.Tensor, boxes: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Binary cross-entropy of the opacity activation map against the boxes' coverage.
+
+    At each location the opacity evidence is the opacity class's map against the other
+    two (``m_opacity - logsumexp(m_others)``); its target is the share of the cell inside
+    a box: 0 everywhere on an image without boxes. This teaches the classifier *where*
+    opacity lies from the boxes 600 images carry, at no cost at inference (the maps are
+    the head's own).
+    """
+    others = [k for k in range(maps.shape[1]) if k != LUNG_OPACITY]
+    evidence = maps[:, LUNG_OPACITY] - torch.logsumexp(maps[:, others], dim=1)
+    target = box_coverage(boxes, height, width, maps.shape[-2], maps.shape[-1]).to(evidence.device)
+    return F.binary_cross_entropy_with_logits(evidence, target)
+
+
 # -------------------------------------------------------------------- one fold
 
 
@@ -248,14 +285,27 @@ class _ClassifierTask(TrainingTask):
 
     def train_step(self, batch: dict[str, Any], step: StepContext) -> dict[str, torch.Tensor]:
         x = network_input(batch["image"], size=self.config.size, device=step.device, channels_last=step.channels_last)
-        if step.augment:
-            x, _ = step.augment(x)
         y = batch["label"].to(step.device)
+        supervise_boxes = self.config.box_supervision > 0
+        boxes = None
+        if supervise_boxes:
+            # Boxes are in the cache's pixels; the input may be resized to config.size.
+            factor = x.shape[-1] / self.cache.size
+            boxes = [b.to(step.device) * factor for b in batch["boxes"]]
+        if step.augment:
+            x, moved = step.augment(x, boxes)
+            boxes = moved if supervise_boxes else None
         with step.autocast():
-            logits = step.model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights,
-                                   label_smoothing=self.config.label_smoothing)
-        return {"loss": loss}
+            if supervise_boxes:
+                logits, maps = step.model(x, with_activation_maps=True)
+            else:
+                logits = step.model(x)
+            classification = F.cross_entropy(logits.float(), y, weight=self.loss_weights,
+                                             label_smoothing=self.config.label_smoothing)
+        if not supervise_boxes:
+            return {"loss": classification}
+        box_loss = box_map_loss(maps.float(), boxes, x.shape[-2], x.shape[-1])  # type: ignore[arg-type]
+        return {"loss": classification + self.config.box_supervision * box_loss, "box_loss": box_loss.detach()}
 
     def predict_val(self, model: torch.nn.Module) -> np.ndarray:
         return predict_logits(

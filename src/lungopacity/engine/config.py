@@ -75,6 +75,10 @@ class ClassifierTrainConfig(_DictForm):
     patience: int = 5  # epochs without a better validation AUC before stopping
     drop_rate: float = 0.2
     label_smoothing: float = 0.0
+    # Weight of the box-supervised activation-map loss (engine.classifier.box_map_loss):
+    # the head's opacity map at each location is trained against the share of it inside
+    # a box. 0 disables it.
+    box_supervision: float = 0.0
     # best: each fold keeps its epoch with the best validation opacity AUC (chosen on the
     # patients whose probabilities then enter oof.csv: optimistic); last: its final epoch
     # (no early stopping either), so the held-out probabilities choose nothing.
@@ -95,6 +99,8 @@ class ClassifierTrainConfig(_DictForm):
         _check_choice("--select", self.select, SELECT_MODES)
         if self.folds < 1:
             raise ConfigError("--folds", f"must be >= 1, got {self.folds}")
+        if not self.box_supervision >= 0:
+            raise ConfigError("--box-supervision", f"must be >= 0 (0 disables), got {self.box_supervision}")
 
 
 @dataclass

@@ -224,9 +224,35 @@ class OpacityClassifier(nn.Module):
         by_index = dict(zip(order, maps))
         return final, [by_index[index] for index in indices]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for a ``(B, in_chans, H, W)`` float batch in [0, 1]."""
-        return self.forward_head(self.forward_features(x))
+    def class_activation_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-location logits ``(B, num_classes, h, w)`` of a :meth:`forward_features` map.
+
+        The head's linear layer applied at every location (bias included), so for the
+        global-average-pooled heads of EfficientNet, Xception and ResNet the spatial mean
+        of a class's map is that class's logit (without dropout). Box supervision of the
+        classifier trains these maps against the boxes.
+
+        Raises:
+            ConfigError: the head is not global average pooling followed by one linear layer.
+        """
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        pool = getattr(getattr(self.model, "global_pool", None), "pool_type", None)
+        if not isinstance(head, nn.Linear) or pool not in ("avg", None) or features.ndim != 4:
+            raise ConfigError(f"{self.backbone}: class activation maps need an average-pooled linear head")
+        maps = torch.einsum("bchw,kc->bkhw", features, head.weight.to(features.dtype))
+        return maps + head.bias.to(features.dtype).view(1, -1, 1, 1) if head.bias is not None else maps
+
+    def forward(self, x: torch.Tensor, with_activation_maps: bool = False) -> Any:
+        """Logits ``(B, num_classes)`` for a ``(B, in_chans, H, W)`` float batch in [0, 1].
+
+        ``with_activation_maps``: ``(logits, maps)`` with :meth:`class_activation_maps`
+        of the same pass (an argument of ``forward``, so a DDP-wrapped model syncs it).
+        """
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        if with_activation_maps:
+            return logits, self.class_activation_maps(features)
+        return logits
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(B, num_classes)`` (softmax of the logits).
