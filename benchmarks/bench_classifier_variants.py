@@ -77,6 +77,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("lite0_256_seed2", "Lite0, 256 px, seed 2", overrides={"seed": 2}),
     Variant("lite0_256_box", "Lite0, 256 px, box-supervised activation map (weight 1)",
             overrides={"box_supervision": 1.0}),
+    Variant("lite0_256_mixup", "Lite0, 256 px, mixup (alpha 0.4)", overrides={"mixup": 0.4}),
 )
 
 #: Backbone ensembles (mean of out-of-fold P(opacity)); a row appears when all its runs exist.
@@ -90,6 +91,7 @@ ENSEMBLES: tuple[tuple[str, ...], ...] = (
     ("lite0_256", "lite0_256_seed1", "lite0_256_seed2"),
     ("lite0_256", "lite0_256_box"),
     ("lite0_256", "lite0_384"),
+    ("lite0_256", "lite0_256_mixup"),
     ("lite0_256", "lite1_256", "lite2_256", "lite0_320", "lite0_256_clahe", "lite0_256_ls", "lite0_256_seed1",
      "lite0_256_seed2"),
 )

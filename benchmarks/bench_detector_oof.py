@@ -23,8 +23,11 @@ figure comes from settings chosen on it. The RSNA metric is then computed once o
 patients, with a patient bootstrap 95 % interval (``--bootstrap`` draws; the interval
 holds the tuned settings fixed, so it leaves out the tuning's own variance).
 
-WBF across the fold models (the deployment recipe) cannot be scored out of fold: each
-patient has exactly one fold model that never saw it, so it is not measured here.
+WBF across the five fold models (the deployment recipe) cannot be scored out of fold: each
+patient has exactly one fold model that never saw it. What can be: several ``--runs``
+folders, each with its own model per fold (another seed, size or epoch count), whose
+fold-k models all trained on the same patients; their boxes on fold k are pooled per
+patient and fused (NMS, or WBF with the pool's model count), an out-of-fold ensemble.
 
 Command (2-core CPU, 3 epochs per fold: about 8 CPU minutes each)::
 
@@ -63,13 +66,13 @@ def say(message: str) -> None:
 # ------------------------------------------------------------------ fold models
 
 
-def train_folds(args: argparse.Namespace, n_folds: int) -> dict[int, float]:
+def train_folds(args: argparse.Namespace, runs: Path, seed: int, n_folds: int) -> dict[int, float]:
     """Train (or resume, or reuse) one detector per fold; returns the training seconds per fold."""
     from lungopacity.engine.detector import DetectorTrainConfig, train_detector
 
     seconds = {}
     for k in range(n_folds):
-        run_dir = args.runs / f"fold_{k}"
+        run_dir = runs / f"fold_{k}"
         if (run_dir / "val_summary.json").is_file():
             say(f"fold {k}: complete run in {run_dir}, reused")
         elif args.no_train:
@@ -80,7 +83,7 @@ def train_folds(args: argparse.Namespace, n_folds: int) -> dict[int, float]:
             say(f"fold {k}: {'resuming' if resume else 'training'} in {run_dir} ({args.epochs} epochs)")
             config = DetectorTrainConfig(
                 pretrained=args.pretrained, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                patience=max(args.epochs, 1), fold=k, device=args.device, seed=args.seed,
+                patience=max(args.epochs, 1), fold=k, device=args.device, seed=seed,
             )
             train_detector(args.cache, run_dir, None if resume else config, resume=resume)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -90,13 +93,14 @@ def train_folds(args: argparse.Namespace, n_folds: int) -> dict[int, float]:
     return seconds
 
 
-def fold_predictions(args: argparse.Namespace, cache: Any, k: int, positions: np.ndarray, tta: bool) -> Any:
+def fold_predictions(args: argparse.Namespace, runs: Path, cache: Any, k: int, positions: np.ndarray,
+                     tta: bool) -> Any:
     """Fold k's model's detections on its held-out positions (cached beside the run)."""
     from lungopacity.engine.checkpoint import load_checkpoint
     from lungopacity.engine.detector import BoxPredictions, load_detector_run, predict_boxes
     from lungopacity.io.submission import read_submission, write_submission
 
-    run_dir = args.runs / f"fold_{k}"
+    run_dir = runs / f"fold_{k}"
     path = run_dir / f"oof_{args.weights}_{'hflip' if tta else 'plain'}.csv"
     ids = cache.table["patientId"].astype(str).to_numpy()[positions].tolist()
     if path.is_file():
@@ -110,7 +114,7 @@ def fold_predictions(args: argparse.Namespace, cache: Any, k: int, positions: np
         model.load_state_dict(load_checkpoint(run.last_checkpoint, map_location=args.device, required=("model",))["model"])
     start = time.perf_counter()
     predictions = predict_boxes(model, cache, positions, batch_size=16, device=args.device, hflip_tta=tta)
-    say(f"fold {k}: {len(positions)} held-out patients predicted{' with hflip TTA' if tta else ''} "
+    say(f"{run_dir}: {len(positions)} held-out patients predicted{' with hflip TTA' if tta else ''} "
         f"in {time.perf_counter() - start:.0f} s")
     write_submission(path, predictions.patient_ids, predictions.boxes, predictions.scores)
     return predictions
@@ -209,7 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--cache", type=Path, required=True, help="prepared k-fold cache (prepare --folds K)")
-    parser.add_argument("--runs", type=Path, required=True, help="folder of the fold runs (fold_K)")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True,
+                        help="folder of the fold runs (fold_K); several: an ensemble per fold (seed = --seed + i)")
     parser.add_argument("--classifier-oof", type=Path, required=True, help="a k-fold classifier run's oof.csv")
     parser.add_argument("--out", type=Path, required=True, help="JSON summary to write")
     parser.add_argument("--epochs", type=int, default=3)
@@ -225,6 +230,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap draws")
     parser.add_argument("--no-train", action="store_true",
                         help="score only the folds whose runs are complete (fewer patients) instead of training")
+    parser.add_argument("--write-postprocess", type=Path, default=None,
+                        help="also write the post-processing the product can run (no TTA; gating none or x P(opacity)), "
+                             "tuned on every patient's out-of-fold detections, for `bundle --detector-postprocess`")
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for --classifier-oof to appear")
     args = parser.parse_args()
 
@@ -240,8 +248,10 @@ def main() -> None:
     n_folds = int(cache.meta.get("folds") or 0)
     if n_folds < 2:
         sys.exit(f"{args.cache} has no folds (prepare --folds K)")
-    train_seconds = train_folds(args, n_folds)
-    folds = sorted(train_seconds)
+    seconds_by_run = [train_folds(args, runs, args.seed + i, n_folds) for i, runs in enumerate(args.runs)]
+    # A fold counts when every run has it; its training time is the ensemble's (summed).
+    folds = sorted(set.intersection(*(set(s) for s in seconds_by_run)))
+    train_seconds = {k: sum(s[k] for s in seconds_by_run) for k in folds}
     if len(folds) < 2:
         sys.exit(f"only {len(folds)} complete fold runs in {args.runs}; cross-fitting needs 2")
 
@@ -254,9 +264,12 @@ def main() -> None:
         positions.append(val)
         fold_of.append(np.full(len(val), k))
         for tta in ttas:
-            p = fold_predictions(args, cache, k, val, tta)
-            predictions[tta][0].extend(p.boxes)
-            predictions[tta][1].extend(p.scores)
+            # Every run's fold-k model saw the same training patients and none of fold k's,
+            # so their fusion per patient is an out-of-fold ensemble.
+            sets = [fold_predictions(args, runs, cache, k, val, tta) for runs in args.runs]
+            for j in range(len(val)):
+                predictions[tta][0].append(np.concatenate([np.asarray(p.boxes[j]).reshape(-1, 4) for p in sets]))
+                predictions[tta][1].append(np.concatenate([np.asarray(p.scores[j]).reshape(-1) for p in sets]))
     positions_all, fold_all = np.concatenate(positions), np.concatenate(fold_of)
     ids = cache.table["patientId"].astype(str).to_numpy()[positions_all].tolist()
     gt = gt_boxes(cache, positions_all)
@@ -276,11 +289,12 @@ def main() -> None:
     gates = gate_values(probs, ids)
 
     start = time.perf_counter()
+    n_runs = len(args.runs)
     fused = {}
     for tta in ttas:
         for fusion, ious in FUSION_IOUS.items():
             for iou in ious:
-                fused[(tta, fusion, iou)] = fuse_all(*predictions[tta], fusion, iou, 2 if tta else 1)
+                fused[(tta, fusion, iou)] = fuse_all(*predictions[tta], fusion, iou, n_runs * (2 if tta else 1))
     scorer = Scorer(gt, fold_all, gates, fused)
     say(f"fused every set in {time.perf_counter() - start:.0f} s; scoring the variants, cross-fitted")
 
@@ -304,6 +318,26 @@ def main() -> None:
     say(f"everything chosen by cross-fitting: RSNA metric {full['rsna_map']:.4f} "
         f"[{full_ci[0]:.4f}, {full_ci[1]:.4f}] on {len(ids)} patients; per fold {full['chosen']}")
     say(f"tuned on all {len(ids)} (deployment settings, in-sample {deploy['rsna_map_in_sample']:.4f}): {deploy}")
+    product = None
+    if args.write_postprocess is not None:
+        from lungopacity.postprocess import save_postprocess
+
+        # What the predictor runs: one pass per member (no TTA), gating by P(opacity) or none.
+        runnable = [(False, g, f, iou) for g in ("none", "opacity") for f, ious in FUSION_IOUS.items() for iou in ious]
+        product_cf = scorer.cross_fit(runnable, SHRINK_GRID)
+        value, (_, gating, fusion, iou), config = scorer._tune(np.arange(len(gt)), runnable, SHRINK_GRID)
+        from dataclasses import replace
+
+        config = replace(config, gating="multiply" if gating == "opacity" else "none", fusion=fusion,
+                         fusion_iou=iou, n_models=n_runs)
+        save_postprocess(args.write_postprocess, config, rsna_map_in_sample=value,
+                         rsna_map_cross_fitted=product_cf["rsna_map"], n_patients=len(ids),
+                         runs=[str(r) for r in args.runs], classifier_oof=str(args.classifier_oof))
+        product = {"path": str(args.write_postprocess), "config": config.to_dict(), "rsna_map_in_sample": value,
+                   "rsna_map_cross_fitted": product_cf["rsna_map"],
+                   "ci95_cross_fitted": list(bootstrap(product_cf["per_image"], args.bootstrap))}
+        say(f"post-processing the product runs (cross-fitted {product_cf['rsna_map']:.4f}) written to "
+            f"{args.write_postprocess}: {config.describe()}")
 
     # The library's own estimate, for comparison: random 5-way split, default grid, today's gating.
     from lungopacity.postprocess import cross_fitted_rsna_map
@@ -312,16 +346,18 @@ def main() -> None:
 
     per_fold = {}
     for k in folds:
-        summary = json.loads((args.runs / f"fold_{k}" / "val_summary.json").read_text())
-        records = [json.loads(line) for line in (args.runs / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()]
-        per_fold[k] = {"best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
-                       "val_rsna_map_by_epoch": [r["val_rsna_map"] for r in records],
-                       "images_per_s": [r["images_per_s"] for r in records],
-                       "train_minutes": train_seconds[k] / 60, "n_val": summary["n_val"]}
+        per_fold[k] = {"train_minutes": train_seconds[k] / 60, "runs": []}
+        for runs in args.runs:
+            summary = json.loads((runs / f"fold_{k}" / "val_summary.json").read_text())
+            records = [json.loads(line) for line in (runs / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
+            per_fold[k]["runs"].append({
+                "run": str(runs / f"fold_{k}"), "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+                "val_rsna_map_by_epoch": [r["val_rsna_map"] for r in records],
+                "images_per_s": [r["images_per_s"] for r in records], "n_val": summary["n_val"]})
 
     out = {
-        "cache": str(args.cache), "runs": str(args.runs), "classifier_oof": str(args.classifier_oof),
+        "cache": str(args.cache), "runs": [str(r) for r in args.runs], "classifier_oof": str(args.classifier_oof),
         "classifier_folds_match_detector_folds": same_folds,
         "folds_scored": folds, "n_folds": n_folds, "n_patients": len(ids), "n_positive": int(sum(len(g) > 0 for g in gt)),
         "n_boxes_gt": int(sum(len(g) for g in gt)),
@@ -332,8 +368,10 @@ def main() -> None:
                                     "n_boxes": full["n_boxes"],
                                     "picks": {f"{'hflip' if t else 'plain'}/{g}/{f}": c for (t, g, f), c in picks.items()}},
         "deployment_settings_tuned_on_all": deploy,
+        "written_postprocess": product,
         "library_cross_fitted_rsna_map_5_random_folds_opacity_gating_plain": library_cf,
-        "not_measured": "WBF across the fold models: each patient has one fold model that never saw it",
+        "not_measured": "WBF across the five fold models: each patient has one fold model that never saw it "
+                        "(several --runs measure an ensemble of models trained on the same folds instead)",
         "wall_s": time.perf_counter() - wall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def main() -> None:
         for batch in (1, 16):
             chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
             x_cls = [predictor.classifier_input(c) for c in chunks]
-            has_detector = predictor.detector is not None or (predictor.onnx is not None and predictor.onnx.has_detector)
+            has_detector = bool(predictor.detectors) or (predictor.onnx is not None and predictor.onnx.has_detector)
             x_det = [predictor.detector_input(c) for c in chunks] if has_detector else []
 
             def bare() -> None:

@@ -858,7 +858,7 @@ def measure_predict(suite: Suite, runtime: str, batch: int) -> dict[str, Any]:
     result = {"images_per_s": len(images) / seconds, "ms_per_image": 1e3 * seconds / len(images),
               "classify_ms_per_image": 1e3 * statistics.fmean(classify),
               "detect_ms_per_image": 1e3 * statistics.fmean(detect), "timed_seconds": seconds,
-              "n_images": len(images), "has_detector": predictor.detector is not None}
+              "n_images": len(images), "has_detector": bool(predictor.detectors)}
     if provider is not None:
         result["provider"] = provider
     return result

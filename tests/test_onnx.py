@@ -32,7 +32,7 @@ def test_onnx_classifier_matches_pytorch(exported_bundle: Path, tiny_demo) -> No
 
     # The toy detector is barely trained: its scores sit around the bundle's 0.05 floor, so
     # compare both runtimes below it (the same floor on each side) to always have boxes.
-    torch_predictor.detector.model.score_thresh = 0.001
+    torch_predictor.detectors[0].model.score_thresh = 0.001
     onnx_predictor.onnx.anchor_info["score_thresh"] = 0.001
     cache = PreparedCache(tiny_demo.paths["cache"])
     x = torch.from_numpy(np.stack([cache.image(i) for i in range(8)])).float().div(255)[:, None]
@@ -46,7 +46,7 @@ def test_onnx_detector_boxes_within_a_pixel(exported_bundle: Path, tiny_demo) ->
 
     # The toy detector is barely trained: its scores sit around the bundle's 0.05 floor, so
     # compare both runtimes below it (the same floor on each side) to always have boxes.
-    torch_predictor.detector.model.score_thresh = 0.001
+    torch_predictor.detectors[0].model.score_thresh = 0.001
     onnx_predictor.onnx.anchor_info["score_thresh"] = 0.001
     cache = PreparedCache(tiny_demo.paths["cache"])
     x = torch.from_numpy(np.stack([cache.image(i) for i in range(8)])).float().div(255)[:, None]

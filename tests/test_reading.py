@@ -196,7 +196,7 @@ def test_a_reading_explains_its_numbers(tiny_demo, fusion_bundle: Path) -> None:
     predictor = Predictor.from_bundle(fusion_bundle)
     predictor.threshold = 0.0  # every applicable image positive, so boxes are drawn
     # The toy detector is barely trained (scores near its 0.05 floor): let every box through.
-    predictor.detector.model.score_thresh = 0.001
+    predictor.detectors[0].model.score_thresh = 0.001
     predictor.postprocess.score_threshold = 0.0
     readings = [predictor.read(_dicom(tiny_demo, k).read_bytes(), f"{k}.dcm", with_images=False).prediction
                 for k in range(4)]

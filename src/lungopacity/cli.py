@@ -335,6 +335,11 @@ def train_classifier_command(
         help="Weight of a loss that trains the head's opacity activation map against the boxes (0 disables; "
         "BENCHMARKS.md).",
     ),
+    mixup: float = typer.Option(
+        0.0, "--mixup", min=0.0,
+        help="Mixup's Beta(alpha, alpha): each training image blended with another, the loss with it "
+        "(0 disables; BENCHMARKS.md).",
+    ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -358,7 +363,7 @@ def train_classifier_command(
     config = ClassifierTrainConfig(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
         recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
-        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
     m = result.metrics
@@ -541,7 +546,11 @@ def bundle_command(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced if present)."),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="Fusion folder (train-fusion --out)."),
-    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector run folder (train-detector --out)."),
+    detector: Optional[list[Path]] = typer.Option(
+        None, "--detector",
+        help="Detector run folder (train-detector --out); repeat it for several members of one architecture "
+        "(e.g. seeds), whose boxes are pooled and fused (needs --detector-postprocess with NMS or WBF).",
+    ),
     cache: Optional[Path] = typer.Option(None, "--cache", help="The classifier's cache (default: as recorded in the run)."),
     sensitivity: Optional[float] = typer.Option(
         None, "--sensitivity", min=0.0, max=1.0,
@@ -549,7 +558,8 @@ def bundle_command(
     ),
     detector_postprocess: Optional[Path] = typer.Option(
         None, "--detector-postprocess",
-        help="Box post-processing from an evaluate-detector report.json (e.g. tuned with gating).",
+        help="Box post-processing from an evaluate-detector report.json (e.g. tuned with gating) or a "
+        "post-processing JSON (bench_detector_oof.py --write-postprocess: tuned out of fold on pooled members).",
     ),
     device: str = _device_option(),
 ) -> None:
@@ -563,7 +573,7 @@ def bundle_command(
     from lungopacity.engine.bundle import build_bundle
     from lungopacity.inference.bundle import read_manifest
 
-    path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector, cache_dir=cache,
+    path = build_bundle(out, classifier, fusion_dir=fusion, detector_run=detector or None, cache_dir=cache,
                         target_sensitivity=sensitivity, detector_postprocess=detector_postprocess, device=device)
     manifest = read_manifest(path)
     card = manifest.model_card

@@ -276,6 +276,28 @@ def apply_postprocess(
     return boxes, scores
 
 
+def pool_detections(
+    per_member: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Several models' ``(boxes, scores)`` per image pooled into one set per image.
+
+    ``per_member[m][i]`` is model m's detections on image i. The pooled set goes through
+    :func:`apply_postprocess` with ``n_models = len(per_member)`` and a fusion step (NMS or
+    WBF) that merges the members' boxes of one finding; one member is returned as it is.
+    """
+    if len(per_member) == 1:
+        return list(per_member[0])
+    counts = {len(m) for m in per_member}
+    if len(counts) != 1:
+        raise ConfigError(f"detector members detected on different numbers of images: {sorted(counts)}")
+    pooled = []
+    for sets in zip(*per_member):
+        boxes = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1, 4) for b, _ in sets])
+        scores = np.concatenate([np.asarray(c, dtype=np.float32).reshape(-1) for _, c in sets])
+        pooled.append((boxes, scores))
+    return pooled
+
+
 def apply_postprocess_all(
     boxes_list: Sequence[ArrayLike],
     scores_list: Sequence[ArrayLike],

@@ -424,7 +424,7 @@ def build_bundle(
     classifier_run: str | Path | Sequence[str | Path],
     *,
     fusion_dir: str | Path | None = None,
-    detector_run: str | Path | None = None,
+    detector_run: str | Path | Sequence[str | Path] | None = None,
     cache_dir: str | Path | None = None,
     target_sensitivity: float | None = None,
     detector_postprocess: str | Path | None = None,
@@ -439,7 +439,11 @@ def build_bundle(
             runs of one architecture on the same cache and folds (e.g. seeds): all their
             fold models go in and the held-out logits are averaged (:func:`ensemble_held_out`).
         fusion_dir: a ``train-fusion`` output folder (optional; kept only by :data:`FUSION_RULE`).
-        detector_run: a ``train-detector`` run (optional).
+        detector_run: a ``train-detector`` run (optional), or several of one architecture
+            and input (e.g. seeds): each is a member whose boxes are pooled with the others'
+            and merged by the post-processing's fusion, so several runs need
+            ``detector_postprocess`` with NMS or WBF (tuned on the pooled detections, e.g.
+            ``benchmarks/bench_detector_oof.py --write-postprocess``).
         cache_dir: the prepared cache the classifier was trained on (default: the path
             recorded in the run): provenance, metadata and the applicability fit.
         target_sensitivity: choose the operating threshold for this sensitivity on
@@ -527,9 +531,9 @@ def build_bundle(
 
     detector_entry = None
     if detector_run is not None:
-        detector_entry, detector_metrics = _bundle_detector(Path(detector_run), out)
-        if detector_postprocess is not None:
-            detector_entry = replace(detector_entry, postprocess=read_postprocess_choice(Path(detector_postprocess)))
+        detector_paths = ([Path(detector_run)] if isinstance(detector_run, (str, Path))
+                          else [Path(r) for r in detector_run])
+        detector_entry, detector_metrics = _bundle_detectors(detector_paths, out, detector_postprocess)
         validation.update({f"detector_{k}": v for k, v in detector_metrics.items()})
 
     input_size = run.input_size
@@ -596,24 +600,51 @@ def build_bundle(
     return out
 
 
-def _bundle_detector(detector_run: Path, out: Path) -> tuple[DetectorPart, dict[str, float]]:
-    """The detector's part of the manifest (its weights saved into ``out``) and its validation figures."""
+def _bundle_detectors(
+    detector_runs: list[Path], out: Path, postprocess_path: str | Path | None,
+) -> tuple[DetectorPart, dict[str, float]]:
+    """The detector's part of the manifest (each member's weights saved into ``out``) and
+    the validation figures of its first member."""
     from lungopacity.engine.detector import load_detector_run
 
-    run = load_detector_run(detector_run)
-    sha = _save_tensors(run.model, out / "detector.safetensors")
-    summary_path = detector_run / "val_summary.json"
+    if not detector_runs:
+        raise ConfigError("--detector", "give at least one detector run")
+    runs = [load_detector_run(path) for path in detector_runs]
+    first = runs[0]
+    # The detector takes the prepared image as it is and resizes inside itself (model_config.image_size).
+    prepared = int(first.config["input_size"])
+    window = str(first.config.get("cache", {}).get("window", "none"))
+    for path, run in zip(detector_runs[1:], runs[1:]):
+        if run.model.config() != first.model.config():
+            raise ConfigError("--detector", f"{path} is not the architecture of {detector_runs[0]} "
+                                            f"({run.model.config()} vs {first.model.config()})")
+        if (int(run.config["input_size"]), str(run.config.get("cache", {}).get("window", "none"))) != (prepared, window):
+            raise ConfigError("--detector", f"{path} was trained on another prepared size or window than "
+                                            f"{detector_runs[0]}")
+    if postprocess_path is not None:
+        postprocess = read_postprocess_choice(Path(postprocess_path))
+    elif len(runs) == 1:
+        postprocess = first.postprocess.to_dict()
+    else:
+        raise ConfigError("--detector-postprocess", f"{len(runs)} detectors need the post-processing tuned on "
+                                                    "their pooled boxes (with NMS or WBF)")
+    if len(runs) > 1 and postprocess.get("fusion", "none") == "none":
+        raise ConfigError("--detector-postprocess", f"{len(runs)} detectors need NMS or WBF to merge their boxes; "
+                                                    f"{postprocess_path} has no fusion")
+    postprocess["n_models"] = len(runs)
+    members = []
+    for i, run in enumerate(runs):
+        name = "detector.safetensors" if i == 0 else f"detector_{i}.safetensors"
+        members.append(WeightFile(name, _save_tensors(run.model, out / name)))
+    summary_path = detector_runs[0] / "val_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     metrics = {k: float(v) for k, v in summary.items()
                if k in ("best_val_rsna_map", "val_rsna_map_postprocessed", "n_val") and isinstance(v, (int, float))}
-    # The detector takes the prepared image as it is and resizes inside itself (model_config.image_size).
-    prepared = int(run.config["input_size"])
     part = DetectorPart(
-        weights=WeightFile("detector.safetensors", sha),
-        model_config=run.model.config(),
-        preprocessing=Preprocessing(prepared_size=prepared, input_size=prepared,
-                                    window=str(run.config.get("cache", {}).get("window", "none"))),
-        postprocess=run.postprocess.to_dict(),
+        members=tuple(members),
+        model_config=first.model.config(),
+        preprocessing=Preprocessing(prepared_size=prepared, input_size=prepared, window=window),
+        postprocess=postprocess,
     )
     return part, metrics
 
@@ -627,6 +658,8 @@ def read_postprocess_choice(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     if "variants" in data:
         data = data["variants"][data.get("main_variant", "tuned")]["postprocess"]
+    elif isinstance(data.get("postprocess"), dict):  # save_postprocess: the config beside its provenance
+        data = data["postprocess"]
     return PostprocessConfig.from_dict(data).to_dict()
 
 

@@ -246,6 +246,18 @@ def box_map_loss(maps: torch.Tensor, boxes: list[torch.Tensor], height: int, wid
     return F.binary_cross_entropy_with_logits(evidence, target)
 
 
+def mixup_batch(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch.
+
+    Returns ``(lam * x + (1 - lam) * x[perm], perm, lam)`` with ``lam ~ Beta(alpha, alpha)``
+    drawn from torch's global generator (seeded by the loop per epoch, so a resumed run
+    mixes the same pairs). The loss is then ``lam * loss(y) + (1 - lam) * loss(y[perm])``.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0]).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm], perm, lam
+
+
 # -------------------------------------------------------------------- one fold
 
 
@@ -295,16 +307,29 @@ class _ClassifierTask(TrainingTask):
         if step.augment:
             x, moved = step.augment(x, boxes)
             boxes = moved if supervise_boxes else None
+        # Mixed after augmentation, so each image keeps its own geometry and its boxes.
+        perm, lam = None, 1.0
+        if self.config.mixup > 0:
+            x, perm, lam = mixup_batch(x, self.config.mixup)
+
+        def mixed(loss_of: Any, target: Any) -> torch.Tensor:
+            # Both losses are linear in their target, so mixing the losses is mixing the targets.
+            plain = loss_of(target)
+            if perm is None:
+                return plain
+            other = target[perm] if torch.is_tensor(target) else [target[i] for i in perm.tolist()]
+            return lam * plain + (1.0 - lam) * loss_of(other)
+
         with step.autocast():
             if supervise_boxes:
                 logits, maps = step.model(x, with_activation_maps=True)
             else:
                 logits = step.model(x)
-            classification = F.cross_entropy(logits.float(), y, weight=self.loss_weights,
-                                             label_smoothing=self.config.label_smoothing)
+            classification = mixed(lambda target: F.cross_entropy(
+                logits.float(), target, weight=self.loss_weights, label_smoothing=self.config.label_smoothing), y)
         if not supervise_boxes:
             return {"loss": classification}
-        box_loss = box_map_loss(maps.float(), boxes, x.shape[-2], x.shape[-1])  # type: ignore[arg-type]
+        box_loss = mixed(lambda b: box_map_loss(maps.float(), b, x.shape[-2], x.shape[-1]), boxes)
         return {"loss": classification + self.config.box_supervision * box_loss, "box_loss": box_loss.detach()}
 
     def predict_val(self, model: torch.nn.Module) -> np.ndarray:

@@ -79,6 +79,8 @@ class ClassifierTrainConfig(_DictForm):
     # the head's opacity map at each location is trained against the share of it inside
     # a box. 0 disables it.
     box_supervision: float = 0.0
+    # Mixup's Beta(alpha, alpha) (engine.classifier.mixup_batch); 0 disables it.
+    mixup: float = 0.0
     # best: each fold keeps its epoch with the best validation opacity AUC (chosen on the
     # patients whose probabilities then enter oof.csv: optimistic); last: its final epoch
     # (no early stopping either), so the held-out probabilities choose nothing.
@@ -101,6 +103,8 @@ class ClassifierTrainConfig(_DictForm):
             raise ConfigError("--folds", f"must be >= 1, got {self.folds}")
         if not self.box_supervision >= 0:
             raise ConfigError("--box-supervision", f"must be >= 0 (0 disables), got {self.box_supervision}")
+        if not self.mixup >= 0:
+            raise ConfigError("--mixup", f"must be >= 0 (0 disables), got {self.mixup}")
 
 
 @dataclass

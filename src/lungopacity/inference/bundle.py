@@ -97,16 +97,19 @@ def load_classifiers(path: str | Path, manifest: BundleManifest, device: torch.d
     return models  # type: ignore[return-value]
 
 
-def load_detector(path: str | Path, manifest: BundleManifest, device: torch.device | str) -> torch.nn.Module | None:
-    """The detector in eval mode on ``device``, or None when the bundle has none."""
+def load_detectors(path: str | Path, manifest: BundleManifest, device: torch.device | str) -> list[torch.nn.Module]:
+    """The detector members in eval mode on ``device`` (none when the bundle has no detector)."""
     if manifest.detector is None:
-        return None
+        return []
     from lungopacity.models.detector import detector_from_config
 
     path = Path(path)
-    model = _build(detector_from_config, manifest.detector.model_config, path, "detector")
-    _load_weights(model, path / manifest.detector.weights.file)
-    return model.to(device).eval()
+    models = []
+    for member in manifest.detector.members:
+        model = _build(detector_from_config, manifest.detector.model_config, path, "detector")
+        _load_weights(model, path / member.file)
+        models.append(model.to(device).eval())
+    return models
 
 
 def load_fusion_part(path: str | Path, manifest: BundleManifest) -> Any:
@@ -122,4 +125,4 @@ def load_fusion_part(path: str | Path, manifest: BundleManifest) -> Any:
         raise BundleError(path, f"fusion part unusable ({exc})") from None
 
 
-__all__ = ["BundleError", "load_classifiers", "load_detector", "load_fusion_part", "read_manifest", "sha256_file"]
+__all__ = ["BundleError", "load_classifiers", "load_detectors", "load_fusion_part", "read_manifest", "sha256_file"]

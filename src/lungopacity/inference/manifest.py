@@ -8,13 +8,13 @@ hand-edited ``bundle.json`` is one clear line instead of a ``KeyError`` deep in 
 predictor. The schema has a version (:data:`BUNDLE_FORMAT_VERSION`); a bundle of another
 version is refused with the advice to rebuild it.
 
-Layout of ``bundle.json`` (format version 3)::
+Layout of ``bundle.json`` (format version 4)::
 
     format, format_version, lungopacity_version, created, class_names
     classifier:    model_config, preprocessing {prepared_size, input_size, window},
                    members [{file, sha256}], temperature
     fusion:        null | {dir, features, sha256, temperature}
-    detector:      null | {file, sha256, model_config, preprocessing, postprocess}
+    detector:      null | {members [{file, sha256}], model_config, preprocessing, postprocess}
     threshold:     {value, rule, sensitivity, specificity, score}   score: "image" | "fusion"
     applicability: null | {file, sha256, method, n_components, percentile, thresholds,
                            n_fit, n_held_out, header {modalities, body_parts, views,
@@ -23,7 +23,9 @@ Layout of ``bundle.json`` (format version 3)::
                    the rest (intended use, validation, calibration, decision, limitations)
                    is for people
 
-Format 3 (this version) added: the component that makes the decision (``threshold.score``
+Format 4 (this version) holds several detector members (``detector.members``, their boxes
+pooled and fused as ``detector.postprocess`` says); format 3, whose detector is one
+``{file, sha256}`` inline, is still read. Format 3 added: the component that makes the decision (``threshold.score``
 is ``"image"`` or ``"fusion"``, and a fusion part is present exactly when it is
 ``"fusion"``), the calibration temperature of the fused output (``fusion.temperature``),
 the applicability gate (``applicability``) and the typed training-data provenance
@@ -43,7 +45,9 @@ from lungopacity.constants import CLASS_NAMES
 from lungopacity.errors import BundleError
 
 BUNDLE_FORMAT = "lungopacity-bundle"
-BUNDLE_FORMAT_VERSION = 3
+BUNDLE_FORMAT_VERSION = 4
+#: Formats this version reads: 3 differs from 4 only in its detector (one weight file inline).
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (3, 4)
 MANIFEST_FILE = "bundle.json"
 #: The component whose calibrated P(opacity) is the final one and is compared with the
 #: operating threshold (the ``decision_source`` of every prediction).
@@ -214,24 +218,42 @@ class FusionPart:
 
 @dataclass(frozen=True)
 class DetectorPart:
-    """The opacity detector: architecture, weights, input and the tuned box post-processing."""
+    """The opacity detector: one architecture, one weight file per member, the input and
+    the tuned box post-processing.
 
-    weights: WeightFile
+    Several members (e.g. seeds) each detect, their boxes are pooled per image and the
+    post-processing's fusion (NMS or WBF over ``len(members)`` sets) merges them, so a
+    bundle with several members needs a fusion step in ``postprocess``.
+    """
+
+    members: tuple[WeightFile, ...]
     model_config: dict[str, Any]
     preprocessing: Preprocessing
     postprocess: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, reader: _Reader) -> DetectorPart:
+        if "members" in reader.data:  # format 4
+            listed = reader.get("members", list)
+            if not listed:
+                reader.fail("no member weight files", "members")
+            members = tuple(WeightFile.read(_Reader(m, f"{reader.where}.members[{i}]", reader.source))
+                            for i, m in enumerate(listed))
+        else:  # format 3: one detector, its file and checksum inline
+            members = (WeightFile.read(reader),)
+        postprocess = reader.get("postprocess", dict, optional=True) or {}
+        if len(members) > 1 and postprocess.get("fusion", "none") == "none":
+            reader.fail(f"{len(members)} detector members but no fusion in the post-processing "
+                        "(their boxes would be counted twice)", "postprocess")
         return cls(
-            weights=WeightFile.read(reader),
+            members=members,
             model_config=reader.get("model_config", dict),
             preprocessing=Preprocessing.read(reader.child("preprocessing")),  # type: ignore[arg-type]
-            postprocess=reader.get("postprocess", dict, optional=True) or {},
+            postprocess=postprocess,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.weights.file, "sha256": self.weights.sha256, "model_config": self.model_config,
+        return {"members": [asdict(m) for m in self.members], "model_config": self.model_config,
                 "preprocessing": asdict(self.preprocessing), "postprocess": self.postprocess}
 
 
@@ -510,7 +532,7 @@ class BundleManifest:
         if self.fusion is not None:
             files.append(self.fusion.weights)
         if self.detector is not None:
-            files.append(self.detector.weights)
+            files.extend(self.detector.members)
         if self.applicability is not None:
             files.append(self.applicability.weights)
         return files
@@ -552,10 +574,11 @@ class BundleManifest:
         if top.data.get("format") != BUNDLE_FORMAT:
             top.fail(f"not a lungopacity bundle (format {top.data.get('format')!r})")
         version = top.data.get("format_version")
-        if version != BUNDLE_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             top.fail(
                 f"bundle format {version} was written by lungopacity {top.data.get('lungopacity_version')}; "
-                f"this is lungopacity {__version__}, which reads format {BUNDLE_FORMAT_VERSION}: rebuild the bundle"
+                f"this is lungopacity {__version__}, which reads format "
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}: rebuild the bundle"
             )
         class_names = top.get("class_names", list)
         if list(class_names) != list(CLASS_NAMES):
@@ -592,6 +615,7 @@ __all__ = [
     "APPLICABILITY_METHODS",
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
     "MANIFEST_FILE",
     "MIN_TRAINING_PATIENTS",
     "ApplicabilityPart",

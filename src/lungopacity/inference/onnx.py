@@ -4,12 +4,14 @@
   logits ``(B, 3)``, every member's logits ``(B, K, 3)`` and pooled features ``(B, K, D)``
   (normalisation inside, as in PyTorch): the member spread and the applicability gate
   need the last two.
-* The RetinaNet detector is exported up to its dense outputs (class logits and box
-  deltas for every anchor). Its anchors depend only on the input size, so they are
+* The RetinaNet detector members are one graph exported up to their dense outputs (class
+  logits and box deltas for every anchor, stacked over members: ``(B, M, A, ...)``). Its anchors depend only on the input size, so they are
   computed once at export and stored beside the graph; decoding, the per-level top-k,
   clipping and NMS then run in NumPy exactly as torchvision's ``postprocess_detections``
   does. That keeps the graph free of data-dependent control flow, which ONNX exports of
-  detection models stumble on. (Faster R-CNN bundles run with the PyTorch runtime.)
+  detection models stumble on. Each member is decoded on its own and the members' boxes
+  are pooled per image for the bundle's fusion step, as in PyTorch. (Faster R-CNN
+  bundles run with the PyTorch runtime.)
 
 Files written into ``MODEL/onnx/``: ``classifier.onnx``, ``detector.onnx``,
 ``detector_anchors.npz``.
@@ -70,6 +72,18 @@ class DenseRetinaNet(nn.Module):
         return out["cls_logits"], out["bbox_regression"]
 
 
+class DenseRetinaNets(nn.Module):
+    """Every detector member's dense outputs, stacked: ``(B, M, A, C)`` and ``(B, M, A, 4)``."""
+
+    def __init__(self, detectors: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(DenseRetinaNet(d) for d in detectors)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        return torch.stack([o[0] for o in outputs], dim=1), torch.stack([o[1] for o in outputs], dim=1)
+
+
 def _anchors_for_size(detector: nn.Module, size: int) -> tuple[np.ndarray, list[int]]:
     """Anchors (N, 4) of one image at ``size`` and the anchor count of each pyramid level."""
     from torchvision.models.detection.image_list import ImageList
@@ -85,7 +99,7 @@ def _anchors_for_size(detector: nn.Module, size: int) -> tuple[np.ndarray, list[
 
 def export_onnx(bundle_dir: str | Path) -> dict[str, Path]:
     """Export the bundle's classifier (and RetinaNet detector) to ``bundle_dir/onnx``."""
-    from lungopacity.inference.bundle import load_classifiers, load_detector, read_manifest
+    from lungopacity.inference.bundle import load_classifiers, load_detectors, read_manifest
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
@@ -99,13 +113,14 @@ def export_onnx(bundle_dir: str | Path) -> dict[str, Path]:
             ["logits", "member_logits", "member_features"])
     written["classifier"] = out / "classifier.onnx"
 
-    detector = load_detector(bundle_dir, manifest, device)
-    if detector is not None:
+    detectors = load_detectors(bundle_dir, manifest, device)
+    if detectors:
+        detector = detectors[0]  # the members share one architecture, so one set of anchors
         if detector.config().get("arch") != "retinanet":
             log.warning("ONNX export covers the RetinaNet detector only; this bundle's detector runs with PyTorch")
         else:
             dsize = manifest.detector.preprocessing.input_size
-            _export(DenseRetinaNet(detector).eval(), torch.rand(2, 1, dsize, dsize), out / "detector.onnx",
+            _export(DenseRetinaNets(detectors).eval(), torch.rand(2, 1, dsize, dsize), out / "detector.onnx",
                     ["image"], ["cls_logits", "bbox_regression"])
             anchors, per_level = _anchors_for_size(detector, dsize)
             retinanet = detector.model
@@ -190,16 +205,26 @@ class OnnxModels:
         return np.transpose(outputs[1], (1, 0, 2)), np.transpose(outputs[2], (1, 0, 2))
 
     def detect(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        from lungopacity.postprocess import nms
+        """Every member's decoded boxes and scores per image (network pixels), pooled."""
+        from lungopacity.postprocess import pool_detections
 
         assert self.detector is not None
         cls_logits, deltas = self.detector.run(None, {"image": x.astype(np.float32)})
+        if cls_logits.ndim == 3:  # exported before detectors had members: one member
+            cls_logits, deltas = cls_logits[:, None], deltas[:, None]
+        return pool_detections([self._decode_member(cls_logits[:, m], deltas[:, m])
+                                for m in range(cls_logits.shape[1])])
+
+    def _decode_member(self, cls_logits: np.ndarray, deltas: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """torchvision's ``postprocess_detections`` for one member's dense outputs ``(B, A, ...)``."""
+        from lungopacity.postprocess import nms
+
         info = self.anchor_info
         anchors = info["anchors"].astype(np.float32)
         bounds = np.cumsum([0, *info["per_level"].tolist()])
         size = float(info["size"])
         results = []
-        for b in range(x.shape[0]):
+        for b in range(cls_logits.shape[0]):
             boxes_all, scores_all = [], []
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 logits = cls_logits[b, lo:hi].reshape(-1)  # one class: one logit per anchor
@@ -218,4 +243,4 @@ class OnnxModels:
         return results
 
 
-__all__ = ["ClassifierEnsemble", "DenseRetinaNet", "OnnxModels", "export_onnx", "math"]
+__all__ = ["ClassifierEnsemble", "DenseRetinaNet", "DenseRetinaNets", "OnnxModels", "export_onnx", "math"]

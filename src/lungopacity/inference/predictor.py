@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ from lungopacity.data.preprocess import decode_prepared_with_pixels, network_inp
 from lungopacity.devices import resolve_device
 from lungopacity.errors import BundleError, ConfigError
 from lungopacity.inference.applicability import Applicability, ApplicabilityGate, dicom_tags, member_outputs
-from lungopacity.inference.bundle import load_classifiers, load_detector, load_fusion_part, read_manifest
+from lungopacity.inference.bundle import load_classifiers, load_detectors, load_fusion_part, read_manifest
 from lungopacity.inference.manifest import BundleManifest, Preprocessing, scale_probability
 from lungopacity.inference.metadata import METADATA_FIELDS, SOURCE_MISSING, resolve_metadata
 from lungopacity.inference.schemas import Box, Prediction, Reading
 from lungopacity.io.errors import ImageReadError
 from lungopacity.io.images import DEFAULT_MAX_PIXELS, read_image
 from lungopacity.metrics.classification import softmax
-from lungopacity.postprocess import PostprocessConfig, apply_postprocess
+from lungopacity.postprocess import PostprocessConfig, apply_postprocess, pool_detections
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,11 @@ class Predictor:
         self.classifier_preprocessing = manifest.classifier.preprocessing
         self.input_size = self.classifier_preprocessing.input_size
         self.fusion = load_fusion_part(path, manifest)
-        self.detector = load_detector(path, manifest, device)
+        self.detectors = load_detectors(path, manifest, device)
         self.detector_preprocessing = manifest.detector.preprocessing if manifest.detector else None
-        self.postprocess = PostprocessConfig.from_dict(manifest.detector.postprocess) if manifest.detector else None
+        # The members' boxes are pooled per image: WBF rescales by the number of sets pooled.
+        self.postprocess = (replace(PostprocessConfig.from_dict(manifest.detector.postprocess),
+                                    n_models=len(manifest.detector.members)) if manifest.detector else None)
         self.threshold = manifest.threshold.value
         self.decision_source = manifest.decision_source
         self.gate = ApplicabilityGate.from_bundle(path, manifest.applicability)
@@ -245,11 +247,14 @@ class Predictor:
 
     @torch.no_grad()
     def detect(self, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Raw detector boxes (network pixels, xyxy) and scores per image."""
+        """Raw detector boxes (network pixels, xyxy) and scores per image, every member's pooled."""
         if self.onnx is not None and self.onnx.has_detector:
             return self.onnx.detect(x.cpu().numpy())
-        outputs = self.detector([img for img in x])  # type: ignore[misc]
-        return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy()) for o in outputs]
+        per_member = []
+        for detector in self.detectors:
+            outputs = detector([img for img in x])
+            per_member.append([(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy()) for o in outputs])
+        return pool_detections(per_member)
 
     def _fused(self, metadata: list[dict[str, Any]], probabilities: np.ndarray) -> tuple[np.ndarray, Any]:
         """Calibrated fused P(opacity) from uncalibrated class probabilities ``(B, 3)``, and the raw prediction."""
@@ -312,7 +317,7 @@ class Predictor:
         t2 = time.perf_counter()
         gates = self.postprocess is not None and self.postprocess.gating != "none"
         boxes_per_image: list[list[Box]] = [[] for _ in images]
-        has_detector = self.detector is not None or (self.onnx is not None and self.onnx.has_detector)
+        has_detector = bool(self.detectors) or (self.onnx is not None and self.onnx.has_detector)
         if has_detector:
             for i, (img, (boxes, scores)) in enumerate(zip(images, self.detect(self.detector_input(images)))):
                 boxes_per_image[i] = self._final_boxes(img, boxes, scores, float(raw[i, LUNG_OPACITY]))
