@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from lungopacity.constants import LUNG_OPACITY
-from lungopacity.data.cache import prepare_cache
 from lungopacity.engine.checkpoint import load_checkpoint
 from lungopacity.engine.classifier import ClassifierTrainConfig, box_coverage, box_map_loss, train_classifier
 from lungopacity.errors import ConfigError
 from lungopacity.models.classifier import create_classifier
-from lungopacity.synthetic import write_demo_dataset
+from small_training import small_cache, small_config
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "efficientnet_lite0"])
@@ -69,22 +68,12 @@ def test_a_negative_weight_is_refused():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("box_data")
-    write_demo_dataset(root / "demo", 40, size=128, seed=3)
-    prepare_cache(root / "demo", root / "cache", size=64, workers=1, val_fraction=0.25, seed=0)
-    return root / "cache"
-
-
-def _config(**overrides) -> ClassifierTrainConfig:
-    settings = dict(backbone="test_resnet", pretrained="none", size=48, epochs=2, batch_size=8,
-                    max_steps_per_epoch=3, seed=5, patience=10, eval_batch_size=32, device="cpu")
-    settings.update(overrides)
-    return ClassifierTrainConfig(**settings)
+    return small_cache(tmp_path_factory.mktemp("box_data"), seed=3)
 
 
 def test_box_supervised_training_logs_the_box_loss_and_changes_the_weights(cache, tmp_path):
-    train_classifier(cache, tmp_path / "plain", _config())
-    train_classifier(cache, tmp_path / "boxes", _config(box_supervision=1.0))
+    train_classifier(cache, tmp_path / "plain", small_config())
+    train_classifier(cache, tmp_path / "boxes", small_config(box_supervision=1.0))
     lines = [json.loads(line) for line in (tmp_path / "boxes" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < line["train_box_loss"] < 5 for line in lines)
     assert all("train_box_loss" not in json.loads(line)

@@ -11,14 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lungopacity.data.cache import PreparedCache, prepare_cache
+from lungopacity.data.cache import PreparedCache
 from lungopacity.data.datasets import CacheDataset, collate_samples
 from lungopacity.data.preprocess import network_input
 from lungopacity.engine.checkpoint import load_checkpoint
-from lungopacity.engine.classifier import ClassifierTrainConfig, _ClassifierTask, box_coverage, mixup_batch, train_classifier
+from lungopacity.engine.classifier import (
+    ClassifierTrainConfig,
+    _ClassifierTask,
+    box_coverage,
+    mixup_batch,
+    train_classifier,
+)
 from lungopacity.engine.loop import StepContext
 from lungopacity.errors import ConfigError
-from lungopacity.synthetic import write_demo_dataset
+from small_training import small_cache, small_config
 
 
 def test_each_image_is_blended_with_another_of_the_batch():
@@ -49,24 +55,14 @@ def test_a_negative_alpha_is_refused():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mixup_data")
-    write_demo_dataset(root / "demo", 40, size=128, seed=4)
-    prepare_cache(root / "demo", root / "cache", size=64, workers=1, val_fraction=0.25, seed=0)
-    return root / "cache"
-
-
-def _config(**overrides) -> ClassifierTrainConfig:
-    settings = dict(backbone="test_resnet", pretrained="none", size=48, epochs=2, batch_size=8,
-                    max_steps_per_epoch=3, seed=5, patience=10, eval_batch_size=32, device="cpu")
-    settings.update(overrides)
-    return ClassifierTrainConfig(**settings)
+    return small_cache(tmp_path_factory.mktemp("mixup_data"), seed=4)
 
 
 @pytest.mark.parametrize("box_supervision", [0.0, 1.0])
 def test_the_step_loss_is_cross_entropy_against_the_mixed_labels(cache, box_supervision):
     prepared = PreparedCache(cache)
     positions = np.arange(len(prepared.table))
-    config = _config(mixup=0.4, box_supervision=box_supervision)
+    config = small_config(mixup=0.4, box_supervision=box_supervision)
     task = _ClassifierTask(prepared, 0, positions[:8], positions[8:], config, torch.device("cpu"))
     torch.manual_seed(0)
     model = task.build_model().eval()  # no dropout: the two computations see the same network
@@ -99,8 +95,8 @@ def test_the_step_loss_is_cross_entropy_against_the_mixed_labels(cache, box_supe
 
 
 def test_mixup_training_records_the_option_and_changes_the_weights(cache, tmp_path):
-    train_classifier(cache, tmp_path / "plain", _config())
-    train_classifier(cache, tmp_path / "mixup", _config(mixup=0.4))
+    train_classifier(cache, tmp_path / "plain", small_config())
+    train_classifier(cache, tmp_path / "mixup", small_config(mixup=0.4))
     saved = json.loads((tmp_path / "mixup" / "config.json").read_text())
     assert saved["train"]["mixup"] == 0.4
     plain = load_checkpoint(tmp_path / "plain" / "fold_0" / "last.pt")["model"]
