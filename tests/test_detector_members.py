@@ -66,6 +66,7 @@ def test_the_bundle_holds_every_member_and_fuses_over_all_of_them(two_member_bun
     assert [m.file for m in members] == ["detector.safetensors", "detector_1.safetensors"]
     assert all((two_member_bundle / m.file).is_file() for m in members)
     assert manifest.detector.postprocess["fusion"] == "wbf" and manifest.detector.postprocess["n_models"] == 2
+    assert manifest.model_card["model"]["detector_runs"] == [str(tiny_demo.paths["detector"]), str(second_detector)]
 
     predictor = Predictor.from_bundle(two_member_bundle)
     assert len(predictor.detectors) == 2 and predictor.postprocess.n_models == 2

@@ -529,7 +529,7 @@ def build_bundle(
                           specificity=float(point.specificity), score=decision_source)
     validation = _validation(final_target, final, final_image, threshold.value, decision_source)
 
-    detector_entry = None
+    detector_entry, detector_paths = None, []
     if detector_run is not None:
         detector_paths = ([Path(detector_run)] if isinstance(detector_run, (str, Path))
                           else [Path(r) for r in detector_run])
@@ -577,7 +577,8 @@ def build_bundle(
             "model": {"classifier_backbone": run.model_config.get("backbone"), "members": len(members),
                       "classifier_training": run.train.to_dict(),
                       "classifier_runs": [{"path": str(r.path), "seed": r.train.seed, "members": len(m)}
-                                          for r, m in zip(runs, run_models)]},
+                                          for r, m in zip(runs, run_models)],
+                      "detector_runs": [str(p) for p in detector_paths]},
             "decision": decision_card,
             "validation": validation,
             "calibration": calibration_card,
