@@ -47,6 +47,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -326,8 +327,6 @@ def main() -> None:
         runnable = [(False, g, f, iou) for g in ("none", "opacity") for f, ious in FUSION_IOUS.items() for iou in ious]
         product_cf = scorer.cross_fit(runnable, SHRINK_GRID)
         value, (_, gating, fusion, iou), config = scorer._tune(np.arange(len(gt)), runnable, SHRINK_GRID)
-        from dataclasses import replace
-
         config = replace(config, gating="multiply" if gating == "opacity" else "none", fusion=fusion,
                          fusion_iou=iou, n_models=n_runs)
         save_postprocess(args.write_postprocess, config, rsna_map_in_sample=value,
