@@ -20,7 +20,8 @@ Every figure is cross-fitted on the cache's folds: the settings applied to fold 
 patients (threshold, and whatever else the row leaves free: fusion IoU, shrink,
 gating, TTA) are tuned on the other folds' out-of-fold detections only, so no patient's
 figure comes from settings chosen on it. The RSNA metric is then computed once over all
-patients, with a patient bootstrap 95 % interval (``--bootstrap`` draws; the interval
+patients (``--max-boxes 0 1 2 3`` also cross-fits a cap on the boxes kept per image, best
+first), with a patient bootstrap 95 % interval (``--bootstrap`` draws; the interval
 holds the tuned settings fixed, so it leaves out the tuning's own variance).
 
 WBF across the five fold models (the deployment recipe) cannot be scored out of fold: each
@@ -142,8 +143,10 @@ class Scorer:
     """Cross-fitted scoring over the cache's folds of pre-fused detections."""
 
     def __init__(self, gt: list[np.ndarray], fold_of: np.ndarray, gates: dict[str, np.ndarray | None],
-                 fused: dict[tuple[bool, str, float], tuple[list[np.ndarray], list[np.ndarray]]]) -> None:
+                 fused: dict[tuple[bool, str, float], tuple[list[np.ndarray], list[np.ndarray]]],
+                 max_boxes: tuple[int | None, ...] = (None,)) -> None:
         self.gt, self.fold_of, self.gates, self.fused = gt, fold_of, gates, fused
+        self.max_boxes = max_boxes  # per-image caps tuned with the threshold (None: no cap)
         self.folds = sorted(set(fold_of.tolist()))
 
     def _tune(self, idx: np.ndarray, options: list[tuple[bool, str, str, float]], shrinks: tuple[float, ...]):
@@ -155,14 +158,15 @@ class Scorer:
             tta, gating, fusion, iou = option
             boxes, scores = self.fused[(tta, fusion, iou)]
             p = self.gates[gating]
-            config, table = tune_postprocess(
-                [self.gt[i] for i in idx], [boxes[i] for i in idx], [scores[i] for i in idx],
-                None if p is None else p[idx], gating_options=("none",) if p is None else ("multiply",),
-                fusion_options=(("none", 0.0),), shrink_options=shrinks,
-            )
-            value = float(table["rsna_map"].iloc[0])
-            if best is None or value > best[0]:
-                best = (value, option, config)
+            for cap in self.max_boxes:
+                config, table = tune_postprocess(
+                    [self.gt[i] for i in idx], [boxes[i] for i in idx], [scores[i] for i in idx],
+                    None if p is None else p[idx], gating_options=("none",) if p is None else ("multiply",),
+                    fusion_options=(("none", 0.0),), shrink_options=shrinks, max_boxes=cap,
+                )
+                value = float(table["rsna_map"].iloc[0])
+                if best is None or value > best[0]:
+                    best = (value, option, config)
         assert best is not None
         return best
 
@@ -185,7 +189,8 @@ class Scorer:
             for j, i in enumerate(test_idx):
                 out_boxes[i], out_scores[i] = b[j], s[j]
             chosen.append({"fold": int(k), "tta": tta, "gating": gating, "fusion": fusion, "fusion_iou": iou,
-                           "shrink": config.shrink, "score_threshold": config.score_threshold})
+                           "shrink": config.shrink, "score_threshold": config.score_threshold,
+                           "max_boxes": config.max_boxes})
         per_image = per_image_precision(self.gt, out_boxes, out_scores)
         return {"per_image": per_image, "rsna_map": float(np.nanmean(per_image)), "chosen": chosen,
                 "n_boxes": int(sum(len(b) for b in out_boxes))}
@@ -193,7 +198,7 @@ class Scorer:
     def tuned_on_all(self, options, shrinks) -> dict[str, Any]:
         value, (tta, gating, fusion, iou), config = self._tune(np.arange(len(self.gt)), options, shrinks)
         return {"rsna_map_in_sample": value, "tta": tta, "gating": gating, "fusion": fusion, "fusion_iou": iou,
-                "shrink": config.shrink, "score_threshold": config.score_threshold}
+                "shrink": config.shrink, "score_threshold": config.score_threshold, "max_boxes": config.max_boxes}
 
 
 def bootstrap(per_image: np.ndarray, draws: int, seed: int = 0) -> tuple[float, float]:
@@ -231,6 +236,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap draws")
     parser.add_argument("--no-train", action="store_true",
                         help="score only the folds whose runs are complete (fewer patients) instead of training")
+    parser.add_argument("--max-boxes", type=int, nargs="+", default=[0],
+                        help="per-image box caps cross-fitted with the threshold (0: no cap; e.g. 0 1 2 3)")
     parser.add_argument("--write-postprocess", type=Path, default=None,
                         help="also write the post-processing the product can run (no TTA; gating none or x P(opacity)), "
                              "tuned on every patient's out-of-fold detections, for `bundle --detector-postprocess`")
@@ -296,7 +303,7 @@ def main() -> None:
         for fusion, ious in FUSION_IOUS.items():
             for iou in ious:
                 fused[(tta, fusion, iou)] = fuse_all(*predictions[tta], fusion, iou, n_runs * (2 if tta else 1))
-    scorer = Scorer(gt, fold_all, gates, fused)
+    scorer = Scorer(gt, fold_all, gates, fused, tuple(None if m == 0 else m for m in args.max_boxes))
     say(f"fused every set in {time.perf_counter() - start:.0f} s; scoring the variants, cross-fitted")
 
     rows = []
@@ -306,7 +313,7 @@ def main() -> None:
         low, high = bootstrap(result["per_image"], args.bootstrap)
         rows.append({"tta": tta, "gating": gating, "fusion": fusion, "shrink": shrink_name,
                      "rsna_map": result["rsna_map"], "ci95": [low, high], "n_boxes": result["n_boxes"],
-                     "chosen_per_fold": [{k: c[k] for k in ("fusion_iou", "shrink", "score_threshold")}
+                     "chosen_per_fold": [{k: c[k] for k in ("fusion_iou", "shrink", "score_threshold", "max_boxes")}
                                          for c in result["chosen"]]})
         say(f"{'hflip' if tta else 'plain':5} {gating:8} {fusion:4} shrink {shrink_name:5}: "
             f"{result['rsna_map']:.4f} [{low:.4f}, {high:.4f}]")
@@ -390,7 +397,8 @@ def main() -> None:
           f"[{full_ci[0]:.3f}, {full_ci[1]:.3f}] |")
     for c in full["chosen"]:
         print(f"  fold {c['fold']}: {'hflip' if c['tta'] else 'plain'}, gating {c['gating']}, {c['fusion']} "
-              f"{c['fusion_iou']:g}, shrink {c['shrink']:g}, score >= {c['score_threshold']:.4f}")
+              f"{c['fusion_iou']:g}, shrink {c['shrink']:g}, score >= {c['score_threshold']:.4f}, "
+              f"at most {c['max_boxes'] or 'any'} boxes")
     print(f"\nwritten {args.out} ({out['wall_s'] / 60:.1f} min)")
 
 
