@@ -162,7 +162,7 @@ class Scorer:
                 config, table = tune_postprocess(
                     [self.gt[i] for i in idx], [boxes[i] for i in idx], [scores[i] for i in idx],
                     None if p is None else p[idx], gating_options=("none",) if p is None else ("multiply",),
-                    fusion_options=(("none", 0.0),), shrink_options=shrinks, max_boxes=cap,
+                    fusion_options=(("none", 0.0),), shrink_options=shrinks, max_boxes_options=(cap,),
                 )
                 value = float(table["rsna_map"].iloc[0])
                 if best is None or value > best[0]:

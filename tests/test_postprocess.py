@@ -15,6 +15,7 @@ from lungopacity.postprocess import (
     load_postprocess,
     nms,
     rsna_map_by_threshold,
+    rsna_map_by_threshold_and_cap,
     save_postprocess,
     threshold_candidates,
     tune_postprocess,
@@ -22,7 +23,7 @@ from lungopacity.postprocess import (
 )
 from lungopacity.metrics import rsna_map
 
-ONLY_THRESHOLD = dict(fusion_options=[("none", 0.0)], shrink_options=[1.0])
+ONLY_THRESHOLD = dict(fusion_options=[("none", 0.0)], shrink_options=[1.0], max_boxes_options=[None])
 
 
 # ---------------------------------------------------------------------------- NMS
@@ -126,11 +127,13 @@ def test_tuned_threshold_on_a_hand_built_case():
     config, table = tune_postprocess(gt, preds, scores, **ONLY_THRESHOLD)
     assert config.score_threshold == pytest.approx(0.45)  # midway between the scores 0.3 and 0.6
     assert table["rsna_map"].iloc[0] == 1.0
-    # On the full grid nothing beats it, and ties keep fusion and shrink switched off.
+    # On the full grid nothing beats it, and ties keep fusion, shrink and the cap switched
+    # off (a cap of 1 box also scores 1.0 at this threshold).
     config, table = tune_postprocess(gt, preds, scores)
-    assert (config.fusion, config.shrink, config.gating) == ("none", 1.0, "none")
+    assert (config.fusion, config.shrink, config.gating, config.max_boxes) == ("none", 1.0, "none", None)
     assert config.score_threshold == pytest.approx(0.45)
-    assert len(table) == 7 * 6
+    assert len(table) == 7 * 6 * 4
+    assert set(table["max_boxes"]) == {0, 1, 2, 3}
 
 
 def test_tuning_switches_gating_on_when_it_helps():
@@ -189,7 +192,7 @@ def test_metric_by_threshold_agrees_with_rsna_map():
 
 def test_tuned_config_reproduces_its_table_value():
     gt, preds, scores, p_opacity = _random_case(2)
-    config, table = tune_postprocess(gt, preds, scores, p_opacity, max_boxes=3)
+    config, table = tune_postprocess(gt, preds, scores, p_opacity, max_boxes_options=(3,))
     boxes, kept = apply_postprocess_all(preds, scores, p_opacity, config)
     assert rsna_map(gt, boxes, kept) == pytest.approx(table["rsna_map"].iloc[0], abs=1e-12)
     assert table["rsna_map"].is_monotonic_decreasing
@@ -202,3 +205,44 @@ def test_cross_fitted_metric_on_an_unambiguous_case():
     # Every half tunes a threshold in (0.3, 0.9]: hits kept, every false alarm dropped.
     assert cross_fitted_rsna_map(gt, preds, scores, **ONLY_THRESHOLD) == 1.0
     assert np.isnan(cross_fitted_rsna_map(gt[:1], preds[:1], scores[:1]))
+
+
+def test_metric_by_threshold_and_cap_agrees_with_rsna_map():
+    gt, preds, scores, _ = _random_case(3, n=80)
+    thresholds = threshold_candidates(scores)
+    caps = (None, 3, 2, 1)
+    fast = rsna_map_by_threshold_and_cap(gt, preds, scores, thresholds, caps)
+    assert fast.shape == (len(caps), len(thresholds))
+    for row, cap in zip(fast, caps):
+        reference = []
+        for c in thresholds:
+            orders = [np.argsort(-s, kind="stable") for s in scores]
+            kept = [order[s[order] >= c][: None if cap is None else cap] for order, s in zip(orders, scores)]
+            reference.append(rsna_map(gt, [p[k] for p, k in zip(preds, kept)], [s[k] for s, k in zip(scores, kept)]))
+        np.testing.assert_allclose(row, reference, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(fast[0], rsna_map_by_threshold(gt, preds, scores, thresholds))
+    with pytest.raises(ValueError):
+        rsna_map_by_threshold_and_cap(gt, preds, scores, thresholds, (0,))
+
+
+def test_tuning_switches_the_cap_on_when_it_helps():
+    # Patient A: a hit at 0.9 and a false alarm at 0.8; patient B: a hit at 0.7 only. No
+    # threshold keeps B's hit without A's false alarm: best 0.75 (>= 0.7: A 1/2, B 1).
+    # At most one box per image keeps both hits alone: 1.0.
+    gt = [np.array([_box(0, 0)]), np.array([_box(0, 0)])]
+    preds = [np.array([_box(0, 0), _box(300, 300)]), np.array([_box(0, 0)])]
+    scores = [np.array([0.9, 0.8]), np.array([0.7])]
+    config, table = tune_postprocess(gt, preds, scores, fusion_options=[("none", 0.0)], shrink_options=[1.0])
+    by_cap = table.set_index("max_boxes")["rsna_map"]
+    assert by_cap.to_dict() == {1: 1.0, 0: 0.75, 3: 0.75, 2: 0.75}
+    assert config.max_boxes == 1
+    assert config.score_threshold == pytest.approx(0.7)
+    assert table["n_boxes_kept"].iloc[0] == 2
+    boxes, kept = apply_postprocess_all(preds, scores, None, config)
+    assert [len(b) for b in boxes] == [1, 1]
+    assert rsna_map(gt, boxes, kept) == 1.0
+    assert "at most 1 boxes" in config.describe()
+    # A fixed cap is a one-element grid.
+    fixed, table = tune_postprocess(gt, preds, scores, fusion_options=[("none", 0.0)], shrink_options=[1.0],
+                                    max_boxes_options=(None,))
+    assert fixed.max_boxes is None and table["rsna_map"].iloc[0] == 0.75

@@ -15,10 +15,11 @@ The steps, in the order :func:`apply_postprocess` runs them on one patient's box
    maximises the RSNA metric on validation), at most ``max_boxes`` of them.
 
 :func:`tune_postprocess` grid-searches gating x fusion x shrink and, for every
-combination, every confidence threshold at once: greedy confidence-order matching is
-prefix-consistent (keeping the predictions above a threshold keeps a prefix of each
-image's ranking, and the matches of a prefix are the prefix of the matches), so one
-matching per combination scores every threshold (:func:`rsna_map_by_threshold`).
+combination, every confidence threshold and per-image cap at once: greedy
+confidence-order matching is prefix-consistent (keeping the predictions above a threshold,
+or the best m of them, keeps a prefix of each image's ranking, and the matches of a prefix
+are the prefix of the matches), so one matching per combination scores every threshold and
+cap (:func:`rsna_map_by_threshold_and_cap`).
 
 Boxes are xyxy in original pixels; all of this is pure NumPy.
 """
@@ -58,6 +59,10 @@ DEFAULT_FUSION_GRID: tuple[tuple[str, float], ...] = (
     ("wbf", 0.55),
 )
 DEFAULT_SHRINK_GRID: tuple[float, ...] = (1.0, 0.95, 0.9, 0.875, 0.85, 0.8)
+#: Per-image caps tried (None: no cap; looser first, so a tie keeps the looser). Most
+#: positive RSNA patients carry one or two readers' boxes, and a box beyond them costs its
+#: image precision at every IoU threshold (BENCHMARKS.md, "A cap on the boxes per image").
+DEFAULT_MAX_BOXES_GRID: tuple[int | None, ...] = (None, 3, 2, 1)
 #: At most this many confidence thresholds are tried per combination (quantiles beyond).
 MAX_THRESHOLD_CANDIDATES = 128
 
@@ -337,6 +342,32 @@ def rsna_map_by_threshold(
     Returns:
         float64 ``(C,)``.
     """
+    return rsna_map_by_threshold_and_cap(gt_boxes, pred_boxes, pred_scores, score_thresholds, (None,),
+                                         iou_thresholds)[0]
+
+
+def rsna_map_by_threshold_and_cap(
+    gt_boxes: Sequence[ArrayLike | None],
+    pred_boxes: Sequence[ArrayLike | None],
+    pred_scores: Sequence[ArrayLike | None],
+    score_thresholds: ArrayLike,
+    max_boxes_options: Sequence[int | None],
+    iou_thresholds: Sequence[float] = RSNA_IOU_THRESHOLDS,
+) -> np.ndarray:
+    """:func:`rsna_map_by_threshold` for every per-image cap ``m`` too.
+
+    Row ``j`` keeps, per image, at most ``max_boxes_options[j]`` of the predictions with
+    score ``>= c`` (the best first, ties in input order; None: no cap), as
+    :func:`apply_postprocess` does. A cap keeps a prefix of each image's ranking as a
+    threshold does, so the one greedy matching scores every (cap, threshold) pair.
+
+    Returns:
+        float64 ``(len(max_boxes_options), C)``.
+    """
+    caps = list(max_boxes_options)
+    for cap in caps:
+        if cap is not None and int(cap) < 1:
+            raise ConfigError(f"max_boxes must be >= 1 or None, got {cap}")
     thresholds = np.asarray(score_thresholds, dtype=np.float64).reshape(-1)
     iou_values = np.asarray(iou_thresholds, dtype=np.float64)
     n_images = len(gt_boxes)
@@ -391,17 +422,21 @@ def rsna_map_by_threshold(
     )  # (n, T, P + 1): TP among the first k predictions
 
     # k[c, n]: how many predictions of image n have score >= c.
-    kept = ((sorted_scores[None, :, :] >= thresholds[:, None, None]) & pred_valid[None]).sum(axis=2)  # (C, n)
+    kept_by_threshold = ((sorted_scores[None, :, :] >= thresholds[:, None, None]) & pred_valid[None]).sum(axis=2)
     image_index = np.arange(n_images)[None, :]
-    tp = cumulative_tp[image_index, :, kept]  # (C, n, T)
-    denominator = kept[:, :, None] + n_gt[None, :, None] - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_image = np.where(denominator > 0, tp / np.maximum(denominator, 1), 0.0).mean(axis=2)  # (C, n)
-    counted = (kept + n_gt[None, :]) > 0
-    totals = np.where(counted, per_image, 0.0).sum(axis=1)
-    n_counted = counted.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n_counted > 0, totals / np.maximum(n_counted, 1), np.nan)
+    out = np.empty((len(caps), thresholds.size))
+    for j, cap in enumerate(caps):
+        kept = kept_by_threshold if cap is None else np.minimum(kept_by_threshold, int(cap))  # (C, n)
+        tp = cumulative_tp[image_index, :, kept]  # (C, n, T)
+        denominator = kept[:, :, None] + n_gt[None, :, None] - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_image = np.where(denominator > 0, tp / np.maximum(denominator, 1), 0.0).mean(axis=2)  # (C, n)
+        counted = (kept + n_gt[None, :]) > 0
+        totals = np.where(counted, per_image, 0.0).sum(axis=1)
+        n_counted = counted.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[j] = np.where(n_counted > 0, totals / np.maximum(n_counted, 1), np.nan)
+    return out
 
 
 def threshold_candidates(
@@ -430,6 +465,11 @@ def threshold_candidates(
 # ----------------------------------------------------------------------- tuning
 
 
+def counts_above(scores_list: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+    """Per image, how many scores are ``>= threshold``."""
+    return np.array([int((np.asarray(s) >= threshold).sum()) for s in scores_list], dtype=np.int64)
+
+
 def tune_postprocess(
     gt_boxes: Sequence[ArrayLike | None],
     pred_boxes: Sequence[ArrayLike | None],
@@ -440,17 +480,18 @@ def tune_postprocess(
     fusion_options: Sequence[tuple[str, float]] = DEFAULT_FUSION_GRID,
     shrink_options: Sequence[float] = DEFAULT_SHRINK_GRID,
     score_thresholds: ArrayLike | None = None,
-    max_boxes: int | None = None,
+    max_boxes_options: Sequence[int | None] = DEFAULT_MAX_BOXES_GRID,
     n_models: int = 1,
 ) -> tuple[PostprocessConfig, pd.DataFrame]:
     """Grid-search the post-processing that maximises the RSNA metric.
 
     Every combination of gating (``none``, plus ``multiply`` when ``p_opacity`` is
     given), fusion (``(mode, iou)`` pairs) and shrink factor is applied without a
-    threshold, then every confidence threshold (:func:`threshold_candidates`, or
-    ``score_thresholds``) is scored at once. Ties go to the earlier combination of the
-    grid (gating off, no fusion and no shrink come first, so a step is only switched on
-    when it helps) and, within it, to the lower threshold.
+    threshold, then every per-image cap (``max_boxes_options``) and confidence threshold
+    (:func:`threshold_candidates`, or ``score_thresholds``) is scored at once. Ties go to
+    the earlier combination of the grid (gating off, no fusion, no shrink and no cap come
+    first, so a step is only switched on when it helps) and, within it, to the lower
+    threshold.
 
     Args:
         gt_boxes: per patient, ground-truth boxes (xyxy, original pixels).
@@ -458,12 +499,13 @@ def tune_postprocess(
         p_opacity: per patient P(opacity) for gating, or None.
         gating_options, fusion_options, shrink_options: the grid.
         score_thresholds: thresholds to try (default: from the scores of each combination).
-        max_boxes, n_models: passed to every :class:`PostprocessConfig`.
+        max_boxes_options: per-image caps to try (None: no cap); ``(m,)`` fixes the cap.
+        n_models: passed to every :class:`PostprocessConfig`.
 
     Returns:
-        The best config (with its threshold) and a table of every combination tried:
-        ``gating, fusion, fusion_iou, shrink, score_threshold, rsna_map, n_boxes_kept``,
-        best first.
+        The best config (with its threshold and cap) and a table of every combination
+        tried: ``gating, fusion, fusion_iou, shrink, max_boxes, score_threshold, rsna_map,
+        n_boxes_kept`` (``max_boxes`` 0: no cap), best first.
     """
     n = len(gt_boxes)
     if not (len(pred_boxes) == len(pred_scores) == n):
@@ -475,6 +517,9 @@ def tune_postprocess(
     p_values = None if p_opacity is None else np.asarray(p_opacity, dtype=np.float64).reshape(-1)
     if p_values is not None and len(p_values) != n:
         raise ConfigError(f"{n} patients but {len(p_values)} probabilities")
+    caps = [None if m is None else int(m) for m in max_boxes_options]
+    if not caps:
+        raise ConfigError("max_boxes_options is empty (give None for no cap)")
     rows: list[dict[str, Any]] = []
     best: tuple[float, PostprocessConfig] | None = None
     # Fusion runs once per fusion setting; gating and shrink are then cheap array
@@ -504,27 +549,26 @@ def tune_postprocess(
             for shrink in shrink_options:
                 shrunk = shrink_boxes(flat_boxes, float(shrink)) if shrink != 1.0 else flat_boxes
                 boxes = np.split(shrunk, splits)
-                if max_boxes is not None:
-                    boxes = [b[:max_boxes] for b in boxes]
-                    scores_kept = [s[:max_boxes] for s in scores]
-                else:
-                    scores_kept = scores
-                values = rsna_map_by_threshold(gt_boxes, boxes, scores_kept, candidates)
-                finite = np.where(np.isfinite(values), values, -np.inf)
-                k = int(np.argmax(finite))
-                config = PostprocessConfig(
-                    gating=gating, fusion=fusion, fusion_iou=float(fusion_iou), shrink=float(shrink),
-                    score_threshold=float(candidates[k]), max_boxes=max_boxes, n_models=n_models,
-                )
-                value = float(values[k])
-                rows.append({
-                    "gating": gating, "fusion": fusion,
-                    "fusion_iou": float(fusion_iou) if fusion != "none" else np.nan,
-                    "shrink": float(shrink), "score_threshold": config.score_threshold, "rsna_map": value,
-                    "n_boxes_kept": int(sum(int((s >= config.score_threshold).sum()) for s in scores_kept)),
-                })
-                if np.isfinite(value) and (best is None or value > best[0]):
-                    best = (value, config)
+                by_cap = rsna_map_by_threshold_and_cap(gt_boxes, boxes, scores, candidates, caps)
+                for cap, values in zip(caps, by_cap):
+                    finite = np.where(np.isfinite(values), values, -np.inf)
+                    k = int(np.argmax(finite))
+                    config = PostprocessConfig(
+                        gating=gating, fusion=fusion, fusion_iou=float(fusion_iou), shrink=float(shrink),
+                        score_threshold=float(candidates[k]), max_boxes=cap, n_models=n_models,
+                    )
+                    value = float(values[k])
+                    kept_per_image = (counts_above(scores, config.score_threshold) if cap is None
+                                      else np.minimum(counts_above(scores, config.score_threshold), cap))
+                    rows.append({
+                        "gating": gating, "fusion": fusion,
+                        "fusion_iou": float(fusion_iou) if fusion != "none" else np.nan,
+                        "shrink": float(shrink), "max_boxes": 0 if cap is None else cap,
+                        "score_threshold": config.score_threshold, "rsna_map": value,
+                        "n_boxes_kept": int(kept_per_image.sum()),
+                    })
+                    if np.isfinite(value) and (best is None or value > best[0]):
+                        best = (value, config)
     if best is None:
         raise ConfigError("the metric is undefined for every setting (no ground truth and no predictions)")
     table = pd.DataFrame(rows).sort_values("rsna_map", ascending=False, kind="stable").reset_index(drop=True)
