@@ -201,15 +201,10 @@ class Scorer:
                 "shrink": config.shrink, "score_threshold": config.score_threshold, "max_boxes": config.max_boxes}
 
 
-def bootstrap(per_image: np.ndarray, draws: int, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    n = len(per_image)
-    values = np.empty(draws)
-    for d in range(draws):
-        sample = per_image[rng.integers(0, n, n)]
-        values[d] = np.nanmean(sample) if np.isfinite(sample).any() else np.nan
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return float(low), float(high)
+def bootstrap(per_image: np.ndarray, draws: int) -> tuple[float, float]:
+    from lungopacity.metrics import bootstrap_rsna_map_ci
+
+    return bootstrap_rsna_map_ci(per_image, draws, seed=0)
 
 
 # ----------------------------------------------------------------------- main

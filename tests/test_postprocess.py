@@ -11,6 +11,7 @@ from lungopacity.postprocess import (
     PostprocessConfig,
     apply_postprocess,
     apply_postprocess_all,
+    cross_fitted_per_image,
     cross_fitted_rsna_map,
     load_postprocess,
     nms,
@@ -246,3 +247,27 @@ def test_tuning_switches_the_cap_on_when_it_helps():
     fixed, table = tune_postprocess(gt, preds, scores, fusion_options=[("none", 0.0)], shrink_options=[1.0],
                                     max_boxes_options=(None,))
     assert fixed.max_boxes is None and table["rsna_map"].iloc[0] == 0.75
+
+
+def test_cross_fitting_by_given_folds():
+    gt = [np.array([_box(0, 0)])] * 6 + [np.zeros((0, 4))] * 4
+    preds = [np.array([_box(0, 0), _box(300, 300)])] * 6 + [np.array([_box(500, 500)])] * 4
+    scores = [np.array([0.9, 0.3])] * 6 + [np.array([0.2])] * 4
+    folds = np.array([0, 1, 2] * 3 + [0])
+    per_image, chosen = cross_fitted_per_image(gt, preds, scores, fold_of=folds, **ONLY_THRESHOLD)
+    assert len(chosen) == 3 and all(0.3 < c.score_threshold <= 0.9 for c in chosen)
+    # Hits kept, false alarms dropped: 1 on the positives, not counted on the negatives.
+    np.testing.assert_array_equal(per_image, [1.0] * 6 + [np.nan] * 4)
+    assert cross_fitted_rsna_map(gt, preds, scores, fold_of=folds, **ONLY_THRESHOLD) == 1.0
+    # Folds that split positives from negatives: the positives' settings are tuned on the
+    # negatives alone, where every threshold that keeps a box scores 0 (and keeping none is
+    # undefined), so the tie keeps the lowest threshold: both boxes, precision 1/2 each.
+    lonely = np.array([0] * 6 + [1] * 4)
+    per_image, chosen = cross_fitted_per_image(gt, preds, scores, fold_of=lonely, **ONLY_THRESHOLD)
+    assert chosen[0].score_threshold == pytest.approx(0.2)
+    np.testing.assert_array_equal(per_image[:6], [0.5] * 6)
+    with pytest.raises(ValueError, match="fold numbers"):
+        cross_fitted_per_image(gt, preds, scores, fold_of=folds[:-1])
+    with pytest.raises(ValueError, match="two folds"):
+        cross_fitted_per_image(gt, preds, scores, fold_of=np.zeros(10))
+    assert np.isnan(cross_fitted_rsna_map(gt, preds, scores, fold_of=np.zeros(10)))

@@ -347,3 +347,21 @@ def test_shrink_clip_and_scale():
     )
     np.testing.assert_array_equal(scale_boxes(boxes, 0.5, 0.25), [[50, 50, 150, 150]])
     np.testing.assert_array_equal(scale_boxes(boxes, 2.0), [[200, 400, 600, 1200]])
+
+
+def test_bootstrap_interval_of_the_metric():
+    from lungopacity.metrics import bootstrap_rsna_map_ci
+
+    # Every counted image scores 0.5: every resample's mean is 0.5, whatever it draws.
+    assert bootstrap_rsna_map_ci([0.5, np.nan, 0.5, 0.5, np.nan], n_boot=50) == (0.5, 0.5)
+    # Two images, 0 and 1: resamples give 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    low, high = bootstrap_rsna_map_ci([0.0, 1.0], n_boot=4000, seed=1)
+    assert (low, high) == (0.0, 1.0)
+    low, high = bootstrap_rsna_map_ci([0.0, 1.0], n_boot=4000, seed=1, level=0.4)
+    assert (low, high) == (0.5, 0.5)
+    assert all(np.isnan(bootstrap_rsna_map_ci([np.nan, np.nan], n_boot=10)))
+    for bad in (dict(n_boot=0), dict(level=1.0)):
+        with pytest.raises(ValueError):
+            bootstrap_rsna_map_ci([0.3], **bad)
+    with pytest.raises(ValueError):
+        bootstrap_rsna_map_ci([])

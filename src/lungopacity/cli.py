@@ -69,6 +69,11 @@ class Select(str, Enum):
     last = "last"
 
 
+class Weights(str, Enum):
+    best = "best"
+    last = "last"
+
+
 class Arch(str, Enum):
     retinanet = "retinanet"
     fasterrcnn = "fasterrcnn"
@@ -83,6 +88,7 @@ class DetectorSplit(str, Enum):
     val = "val"
     train = "train"
     all = "all"
+    oof = "oof"
 
 
 class Runtime(str, Enum):
@@ -466,30 +472,43 @@ def train_detector_command(
 @app.command("evaluate-detector")
 @user_errors
 def evaluate_detector_command(
-    run: Path = typer.Argument(..., help="Detector run folder."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Detector run folder; with --split oof, one train-detector --fold K run per fold."
+    ),
     cache: Path = typer.Option(..., "--cache", help="Prepared cache to evaluate on."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder."),
     split: DetectorSplit = typer.Option(
-        DetectorSplit.val, "--split", help="val: the cache's validation split | train | all: every patient."
+        DetectorSplit.val, "--split",
+        help="val: the cache's validation split | train | all: every patient | oof: every patient, each by "
+             "the fold run that held it out.",
     ),
     classifier_probs: Optional[Path] = typer.Option(
         None, "--classifier-probs", help="CSV with patientId,p_lung_opacity (e.g. RUN/oof.csv) for gating."
+    ),
+    weights: Optional[Weights] = typer.Option(
+        None, "--weights", help="Checkpoint: best (chosen on the validation patients) or last "
+                                "(default: best; last with --split oof)."
     ),
     device: str = _device_option(),
 ) -> None:
     """Evaluate the detector: the RSNA metric, precision per IoU threshold, sensitivity at
     0.5/1/2 false positives per image, by view, overlays of the best and worst cases
-    (the paper's Figure 10), with and without classifier gating; writes the submission.
+    (the paper's Figure 10), with and without classifier gating; writes the submission and
+    the main variant's post-processing (OUT/postprocess.json, for bundle --detector-postprocess).
     """
     from lungopacity.engine.evaluate_detection import evaluate_detector
 
-    report = evaluate_detector(run, cache, split=split.value, out_dir=out, classifier_probs=classifier_probs, device=device)
+    report = evaluate_detector(runs, cache, split=split.value, out_dir=out, classifier_probs=classifier_probs,
+                               device=device, weights=weights.value if weights else None)
     main = report["variants"][report["main_variant"]]
     cross = main.get("cross_fitted_rsna_map")
+    interval = main.get("cross_fitted_rsna_map_ci95")
     typer.echo(
         f"{report['n_patients']} patients: RSNA metric {main['metrics']['rsna_map']:.4f} ({report['main_variant']}"
         + (f", cross-fitted {cross:.4f}" if cross is not None else "")
-        + f"); report {out / 'report.md'}, submission {out / 'submission.csv'}"
+        + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+        + f"); report {out / 'report.md'}, submission {out / 'submission.csv'}, "
+        + f"post-processing {out / 'postprocess.json'}"
     )
 
 

@@ -576,6 +576,70 @@ def tune_postprocess(
     return best[1], table
 
 
+def cross_fitted_per_image(
+    gt_boxes: Sequence[ArrayLike | None],
+    pred_boxes: Sequence[ArrayLike | None],
+    pred_scores: Sequence[ArrayLike | None],
+    p_opacity: Sequence[float] | np.ndarray | None = None,
+    *,
+    folds: int = 2,
+    seed: int = 0,
+    fold_of: ArrayLike | None = None,
+    **tune_kwargs: Any,
+) -> tuple[np.ndarray, list[PostprocessConfig]]:
+    """Each patient's RSNA precision with settings tuned on the other folds' patients only.
+
+    Tuning and scoring on the same patients flatters the result (the grid picks what
+    happens to fit them); here patients are split into ``folds`` groups (seeded, with
+    positives spread evenly), or into the given ``fold_of`` groups (e.g. the folds whose
+    models predicted them), each group is post-processed with the settings tuned on the
+    rest (:func:`tune_postprocess` with ``tune_kwargs``), and every patient is scored.
+
+    Returns:
+        Per patient the precision (NaN where it does not count: no truth and no kept box),
+        and the settings chosen for each group, in group order.
+
+    Raises:
+        ConfigError: ``fold_of`` of the wrong length or with fewer than two groups; a group
+            whose other patients leave the metric undefined.
+    """
+    n = len(gt_boxes)
+    if fold_of is None:
+        if n < folds or folds < 2:
+            raise ConfigError(f"cannot cross-fit {n} patients in {folds} folds")
+        positive = np.array([len(as_boxes(g)) > 0 for g in gt_boxes])
+        rng = np.random.default_rng(seed)
+        groups = np.empty(n, dtype=np.int64)
+        for group in (np.flatnonzero(positive), np.flatnonzero(~positive)):
+            shuffled = group[rng.permutation(len(group))]
+            groups[shuffled] = (np.arange(len(group)) + int(rng.integers(folds))) % folds
+    else:
+        groups = np.asarray(fold_of).reshape(-1)
+        if len(groups) != n:
+            raise ConfigError(f"{n} patients but {len(groups)} fold numbers")
+        if len(np.unique(groups)) < 2:
+            raise ConfigError("cross-fitting needs patients of at least two folds")
+    p_values = None if p_opacity is None else np.asarray(p_opacity, dtype=np.float64).reshape(-1)
+    out_boxes: list[np.ndarray] = [np.zeros((0, 4))] * n
+    out_scores: list[np.ndarray] = [np.zeros(0)] * n
+    chosen = []
+    for fold in np.unique(groups):
+        tune_idx, test_idx = np.flatnonzero(groups != fold), np.flatnonzero(groups == fold)
+        pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
+        config, _ = tune_postprocess(
+            pick(gt_boxes, tune_idx), pick(pred_boxes, tune_idx), pick(pred_scores, tune_idx),
+            None if p_values is None else p_values[tune_idx], **tune_kwargs,
+        )
+        chosen.append(config)
+        boxes, scores = apply_postprocess_all(
+            pick(pred_boxes, test_idx), pick(pred_scores, test_idx),
+            None if p_values is None else p_values[test_idx], config,
+        )
+        for k, i in enumerate(test_idx):
+            out_boxes[i], out_scores[i] = boxes[k], scores[k]
+    return per_image_precision(gt_boxes, out_boxes, out_scores), chosen
+
+
 def cross_fitted_rsna_map(
     gt_boxes: Sequence[ArrayLike | None],
     pred_boxes: Sequence[ArrayLike | None],
@@ -584,46 +648,19 @@ def cross_fitted_rsna_map(
     *,
     folds: int = 2,
     seed: int = 0,
+    fold_of: ArrayLike | None = None,
     **tune_kwargs: Any,
 ) -> float:
-    """An honest estimate of the tuned post-processing: tune on the other folds, score each fold.
-
-    Tuning and scoring on the same patients flatters the result (the grid picks what
-    happens to fit them); here patients are split into ``folds`` groups (seeded, with
-    positives spread evenly), each group is post-processed with the settings tuned on the
-    rest, and the RSNA metric is computed over all patients' out-of-fold results.
+    """An honest estimate of the tuned post-processing: tune on the other folds, score each
+    fold, the RSNA metric over all patients (:func:`cross_fitted_per_image`).
 
     Returns:
         The metric, NaN when it is undefined or a fold has nothing to tune on.
     """
-    n = len(gt_boxes)
-    if n < folds or folds < 2:
+    try:
+        per_image, _ = cross_fitted_per_image(gt_boxes, pred_boxes, pred_scores, p_opacity, folds=folds, seed=seed,
+                                              fold_of=fold_of, **tune_kwargs)
+    except ValueError:
         return float("nan")
-    positive = np.array([len(as_boxes(g)) > 0 for g in gt_boxes])
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(n, dtype=np.int64)
-    for group in (np.flatnonzero(positive), np.flatnonzero(~positive)):
-        shuffled = group[rng.permutation(len(group))]
-        fold_of[shuffled] = (np.arange(len(group)) + int(rng.integers(folds))) % folds
-    p_values = None if p_opacity is None else np.asarray(p_opacity, dtype=np.float64).reshape(-1)
-    out_boxes: list[np.ndarray] = [np.zeros((0, 4))] * n
-    out_scores: list[np.ndarray] = [np.zeros(0)] * n
-    for fold in range(folds):
-        tune_idx, test_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-        pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
-        try:
-            config, _ = tune_postprocess(
-                pick(gt_boxes, tune_idx), pick(pred_boxes, tune_idx), pick(pred_scores, tune_idx),
-                None if p_values is None else p_values[tune_idx], **tune_kwargs,
-            )
-        except ValueError:
-            return float("nan")
-        boxes, scores = apply_postprocess_all(
-            pick(pred_boxes, test_idx), pick(pred_scores, test_idx),
-            None if p_values is None else p_values[test_idx], config,
-        )
-        for k, i in enumerate(test_idx):
-            out_boxes[i], out_scores[i] = boxes[k], scores[k]
-    per_image = per_image_precision(gt_boxes, out_boxes, out_scores)
     counted = ~np.isnan(per_image)
     return float(per_image[counted].mean()) if counted.any() else float("nan")

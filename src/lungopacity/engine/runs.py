@@ -354,17 +354,23 @@ class DetectorRun:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.to_dict(), self.config_path)
 
-    def load_model(self, device: str | torch.device | None = None) -> OpacityDetector:
-        """best.pt's detector in eval mode on ``device`` (default :attr:`device`).
+    def load_model(self, device: str | torch.device | None = None, weights: str = "best") -> OpacityDetector:
+        """The detector of best.pt (``weights="best"``) or last.pt (``"last"``: the final
+        epoch, not chosen on the validation patients) in eval mode on ``device`` (default
+        :attr:`device`).
 
         Raises:
-            RunFolderError: no best.pt yet.
-            CheckpointError: best.pt is damaged or does not fit the model.
+            ConfigError: ``weights`` is neither.
+            RunFolderError: no such checkpoint yet.
+            CheckpointError: the checkpoint is damaged or does not fit the model.
         """
+        if weights not in ("best", "last"):
+            raise ConfigError("--weights", f"must be best or last, got {weights!r}")
         device = _as_device(device if device is not None else self.device)
-        if not self.best_checkpoint.is_file():
-            raise RunFolderError(self.best_checkpoint, "missing; the run has not finished an epoch (train with --resume)")
-        model, _ = load_best_model(self.best_checkpoint, detector_from_config, device, self.model_config)
+        path = self.best_checkpoint if weights == "best" else self.last_checkpoint
+        if not path.is_file():
+            raise RunFolderError(path, "missing; the run has not finished an epoch (train with --resume)")
+        model, _ = load_best_model(path, detector_from_config, device, self.model_config)
         return model.eval()  # type: ignore[return-value]
 
     @cached_property

@@ -17,6 +17,7 @@ from lungopacity.metrics.boxes import (
 from lungopacity.metrics.rsna_map import (
     RSNA_IOU_THRESHOLDS,
     FrocCurve,
+    bootstrap_rsna_map_ci,
     froc_curve,
     image_precision,
     per_image_precision,
@@ -100,6 +101,7 @@ __all__ = [
     "PairedBootstrapResult",
     "ReliabilityCurve",
     "bootstrap_auc_ci",
+    "bootstrap_rsna_map_ci",
     "clip_boxes",
     "confusion_matrix",
     "delong_test",

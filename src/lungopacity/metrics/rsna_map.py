@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RSNA_IOU_THRESHOLDS",
     "FrocCurve",
+    "bootstrap_rsna_map_ci",
     "froc_curve",
     "image_precision",
     "per_image_precision",
@@ -333,6 +334,42 @@ def per_image_precision(
     """
     score, counted = _score_matrix(gt, preds, scores, thresholds)
     return np.where(counted, score.mean(axis=1), np.nan)
+
+
+def bootstrap_rsna_map_ci(
+    per_image: ArrayLike, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the RSNA metric over patient resamples.
+
+    ``per_image`` is :func:`per_image_precision`'s output for fixed detections (NaN: an
+    image that does not count); each of ``n_boot`` resamples of the patients, drawn with
+    replacement, is scored as the mean of its counted images. The settings that made the
+    detections are held fixed, so the interval is of the scoring, not of the tuning.
+
+    Raises:
+        ConfigError: ``n_boot < 1``, ``level`` outside (0, 1), or no patient at all.
+    """
+    values = np.asarray(per_image, dtype=np.float64).reshape(-1)
+    if n_boot < 1:
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level must lie in (0, 1), got {level}")
+    if values.size == 0:
+        raise ConfigError("no patients to resample")
+    rng = np.random.default_rng(seed)
+    means = np.full(n_boot, np.nan)
+    counted = np.isfinite(values)
+    filled = np.where(counted, values, 0.0)
+    for d in range(n_boot):
+        sample = rng.integers(0, values.size, values.size)
+        n_counted = int(counted[sample].sum())
+        if n_counted:
+            means[d] = filled[sample].sum() / n_counted
+    if not np.isfinite(means).any():
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.nanpercentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def precision_per_threshold(

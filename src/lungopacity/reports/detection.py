@@ -198,7 +198,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown a person can read."""
-    lines = [f"# Detector evaluation: {report['run']}", ""]
+    runs = report["run"]
+    title = runs if isinstance(runs, str) else f"{len(runs)} fold runs out of fold ({', '.join(runs)})"
+    lines = [f"# Detector evaluation: {title}", ""]
     lines.append(
         f"Cache `{report['cache']}`, split **{report['split']}**: {report['n_patients']} patients, "
         f"{report['n_positive']} with opacity. Boxes in original pixels."
@@ -206,9 +208,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Variants", "", "| variant | post-processing | RSNA metric | cross-fitted | boxes |",
               "|---|---|---|---|---|"]
     for name, variant in report["variants"].items():
+        crossed = _fmt(variant.get("cross_fitted_rsna_map"))
+        if variant.get("cross_fitted_rsna_map_ci95"):
+            low, high = variant["cross_fitted_rsna_map_ci95"]
+            crossed += f" [{_fmt(low)}, {_fmt(high)}]"
         lines.append(
             f"| {name} | {variant['postprocess_description']} | {_fmt(variant['metrics']['rsna_map'])} | "
-            f"{_fmt(variant.get('cross_fitted_rsna_map'))} | {variant['metrics']['n_pred_boxes']} |"
+            f"{crossed} | {variant['metrics']['n_pred_boxes']} |"
         )
     lines += ["", f"Main variant: **{report['main_variant']}**. " + report.get("tuning_note", ""), ""]
     main = report["variants"][report["main_variant"]]["metrics"]
