@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -130,6 +131,14 @@ def test_the_runs_must_cover_each_fold_once(fold_runs, tmp_path):
         evaluate_detector(runs[0], cache_dir, "everything", tmp_path / "d", device="cpu")
     with pytest.raises(ConfigError, match="--weights"):
         load_detector_run(runs[0]).load_model(weights="middle")
+    # A run of a fold the cache lacks (its config edited: train-detector itself refuses one).
+    stray = tmp_path / "fold_5"
+    shutil.copytree(runs[2], stray)
+    config = json.loads((stray / "config.json").read_text())
+    config["train"]["fold"] = 5
+    (stray / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="holds out fold 5, which .* lacks"):
+        evaluate_detector([*runs, stray], cache_dir, "oof", tmp_path / "e", device="cpu")
 
 
 def test_a_run_without_a_fold_is_refused(fold_runs, tmp_path):

@@ -162,6 +162,10 @@ def out_of_fold_predictions(
     if missing:
         raise ConfigError("--split oof", f"no run for fold(s) {', '.join(map(str, missing))} of {cache.path} "
                                          f"(given folds {', '.join(map(str, sorted(by_fold)))})")
+    extra = [k for k in by_fold if k not in present]
+    if extra:
+        raise ConfigError(str(by_fold[extra[0]].path), f"holds out fold {extra[0]}, which {cache.path} lacks "
+                                                       f"(folds {present[0]}..{present[-1]})")
     parts: list[tuple[int, BoxPredictions]] = []
     for fold in present:
         run = by_fold[fold]
