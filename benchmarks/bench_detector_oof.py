@@ -98,7 +98,6 @@ def train_folds(args: argparse.Namespace, runs: Path, seed: int, n_folds: int) -
 def fold_predictions(args: argparse.Namespace, runs: Path, cache: Any, k: int, positions: np.ndarray,
                      tta: bool) -> Any:
     """Fold k's model's detections on its held-out positions (cached beside the run)."""
-    from lungopacity.engine.checkpoint import load_checkpoint
     from lungopacity.engine.detector import BoxPredictions, load_detector_run, predict_boxes
     from lungopacity.io.submission import read_submission, write_submission
 
@@ -111,9 +110,7 @@ def fold_predictions(args: argparse.Namespace, runs: Path, cache: Any, k: int, p
             return BoxPredictions(ids, positions, [table.at[i, "boxes"] for i in ids],
                                   [table.at[i, "scores"] for i in ids], n_sets=2 if tta else 1)
     run = load_detector_run(run_dir, args.device)
-    model = run.load_model()
-    if args.weights == "last":
-        model.load_state_dict(load_checkpoint(run.last_checkpoint, map_location=args.device, required=("model",))["model"])
+    model = run.load_model(weights=args.weights)
     start = time.perf_counter()
     predictions = predict_boxes(model, cache, positions, batch_size=16, device=args.device, hflip_tta=tta)
     say(f"{run_dir}: {len(positions)} held-out patients predicted{' with hflip TTA' if tta else ''} "

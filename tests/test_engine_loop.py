@@ -331,3 +331,96 @@ def test_without_tensorboard_nothing_changes_and_one_info_line_says_so(tmp_path,
 def test_loop_module_documents_the_checkpoint_keys():
     for key in loop_module.STATE_KEYS:
         assert key in loop_module.__doc__
+
+
+# --------------------------------------------------------------- the weight average
+
+
+class TinyNorm(torch.nn.Module):
+    """One weight, and BatchNorm's float and integer buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(1))
+        self.norm = torch.nn.BatchNorm1d(1)
+
+
+def test_weight_average_follows_its_warm_up_and_decay_exactly():
+    model = TinyNorm()
+    average = loop_module.WeightAverage(model, decay=0.5)
+    trained = [4.0, 2.0, 8.0, -1.0, 3.0, 5.0, 7.0, 1.0, 6.0, 2.0, 9.0]
+    expected = 0.0  # the copy starts at the model's weights
+    for step, value in enumerate(trained):
+        with torch.no_grad():
+            model.scale.fill_(value)
+            model.norm.running_mean.fill_(2 * value)
+            model.norm.num_batches_tracked.fill_(step + 1)
+        average.update(model)
+        # By hand: d = min(0.5, (1 + t) / (10 + t)); the first steps move most of the way.
+        d = min(0.5, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * value
+        assert average.module.scale.item() == pytest.approx(expected, abs=1e-6)
+        assert average.module.norm.running_mean.item() == pytest.approx(2 * expected, abs=1e-5)
+        assert average.module.norm.num_batches_tracked.item() == step + 1  # copied, not averaged
+    assert average.decay_at(0) == pytest.approx(0.1) and average.decay_at(8) == 0.5 and average.decay_at(100) == 0.5
+    assert not average.module.scale.requires_grad and not average.module.training
+    assert model.scale.item() == 9.0  # the trained weights are never touched
+    restored = loop_module.WeightAverage(TinyNorm(), decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == len(trained) and restored.module.scale.item() == average.module.scale.item()
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
+def test_weight_average_refuses_a_decay_outside_0_1(decay):
+    with pytest.raises(loop_module.ConfigError, match="--ema"):
+        loop_module.WeightAverage(TinyNorm(), decay=decay)
+
+
+def test_with_a_weight_average_the_epochs_evaluate_it_and_best_pt_keeps_it(tmp_path):
+    task = ToyTask(scores=[0.1, 0.9, 0.2])
+    loop = make_loop(tmp_path, task, epochs=3, patience=5, ema_decay=0.9, max_steps_per_epoch=3)
+    result = loop.fit()
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert result.best_epoch == 2 and best["epoch"] == 2
+    # What epoch 2 evaluated (its payload) is the average, and best.pt holds it.
+    assert torch.equal(best["model"]["weight"], result.best_payload)
+    # last.pt: the raw weights to train on from, and the average beside them after 9 updates.
+    assert last["ema"]["updates"] == 9
+    assert torch.equal(last["model"]["weight"], loop.model.weight.detach())
+    assert torch.equal(last["ema"]["model"]["weight"], loop.evaluated_model.weight.detach())
+    assert not torch.equal(last["model"]["weight"], last["ema"]["model"]["weight"])
+    assert result.model is loop.evaluated_model
+    # Loading last.pt for inference gives the average, not the raw weights.
+    assert torch.equal(loop_module.evaluated_weights(last)["weight"], last["ema"]["model"]["weight"])
+    model, _ = loop_module.load_best_model(tmp_path / "run" / "last.pt", lambda config: ToyNet())
+    assert torch.equal(model.weight.detach(), last["ema"]["model"]["weight"])
+    # Without an average, last.pt's model is what it evaluated.
+    make_loop(tmp_path / "plain", ToyTask(scores=[0.1]), epochs=1).fit()
+    plain = load_checkpoint(tmp_path / "plain" / "run" / "last.pt")
+    assert plain["ema"] is None and loop_module.evaluated_weights(plain) is plain["model"]
+
+
+def test_a_resumed_run_continues_the_weight_average_exactly(tmp_path):
+    scores = [0.2, 0.4, 0.3, 0.5]
+    make_loop(tmp_path / "whole", ToyTask(scores=scores), epochs=4, ema_decay=0.95).fit()
+    interrupted = make_loop(tmp_path / "parts", ToyTask(scores=scores), epochs=4, ema_decay=0.95)
+    interrupted.progress = StopAtEpoch(3)
+    with pytest.raises(Interrupt):
+        interrupted.fit()
+    make_loop(tmp_path / "parts", ToyTask(scores=scores[2:]), epochs=4, ema_decay=0.95).fit(resume=True)
+    whole = load_checkpoint(tmp_path / "whole" / "run" / "last.pt")
+    parts = load_checkpoint(tmp_path / "parts" / "run" / "last.pt")
+    assert parts["ema"]["updates"] == whole["ema"]["updates"] == 8
+    for key in ("weight", "bias"):
+        assert torch.equal(parts["ema"]["model"][key], whole["ema"]["model"][key]), key
+        assert torch.equal(parts["model"][key], whole["model"][key]), key
+
+
+def test_resuming_with_a_weight_average_from_a_run_without_one_is_one_line(tmp_path):
+    make_loop(tmp_path, ToyTask(scores=[0.3]), epochs=1).fit()
+    with pytest.raises(CheckpointError) as caught:
+        make_loop(tmp_path, epochs=2, ema_decay=0.9).fit(resume=True)
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "run" / "last.pt")) and "weight average" in message
+    assert "\n" not in message

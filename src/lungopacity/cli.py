@@ -126,6 +126,14 @@ def _device_option() -> Any:
     return typer.Option("auto", "--device", callback=_check_device, help=DEVICE_HELP)
 
 
+def _ema_option() -> Any:
+    return typer.Option(
+        0.0, "--ema", min=0.0, max=0.999999,
+        help="Per-step decay of an exponential moving average of the weights, which each epoch evaluates "
+        "and the checkpoints keep (e.g. 0.999; 0 disables; BENCHMARKS.md).",
+    )
+
+
 def _value(choice: Enum | None) -> Any:
     return None if choice is None else choice.value
 
@@ -346,6 +354,7 @@ def train_classifier_command(
         help="Mixup's Beta(alpha, alpha): each training image blended with another, the loss with it "
         "(0 disables; BENCHMARKS.md).",
     ),
+    ema: float = _ema_option(),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -369,7 +378,8 @@ def train_classifier_command(
     config = ClassifierTrainConfig(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
         recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
-        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, device=device, num_workers=workers, max_steps_per_epoch=max_steps,
+        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, ema=ema, device=device, num_workers=workers,
+        max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())
     m = result.metrics
@@ -442,6 +452,7 @@ def train_detector_command(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Box-aware scale/shift/rotation + intensity."),
     hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (boxes move along)."),
     patience: int = typer.Option(5, "--patience", min=1, help="Early stopping: epochs without a better validation metric."),
+    ema: float = _ema_option(),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -459,8 +470,8 @@ def train_detector_command(
 
     config = DetectorTrainConfig(
         arch=arch.value, backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-        fold=fold, seed=seed, augment=augment, hflip=hflip, patience=patience, device=device, num_workers=workers,
-        max_steps_per_epoch=max_steps,
+        fold=fold, seed=seed, augment=augment, hflip=hflip, patience=patience, ema=ema, device=device,
+        num_workers=workers, max_steps_per_epoch=max_steps,
     )
     result = train_detector(cache, out, config, resume=resume, progress=_TqdmProgress())
     typer.echo(

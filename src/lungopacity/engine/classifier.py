@@ -378,7 +378,7 @@ def _loop_settings(config: ClassifierTrainConfig) -> LoopSettings:
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, patience=config.patience,
         augment=AugmentConfig(hflip_probability=0.5 if config.hflip else 0.0) if config.augment else None,
         amp=config.amp, channels_last=config.channels_last, num_workers=config.num_workers,
-        max_steps_per_epoch=config.max_steps_per_epoch, select=config.select,
+        max_steps_per_epoch=config.max_steps_per_epoch, select=config.select, ema_decay=config.ema,
     )
 
 

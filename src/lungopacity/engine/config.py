@@ -51,6 +51,8 @@ def _check_common(config: Any) -> None:
         raise ConfigError("--max-steps-per-epoch", f"must be >= 1, got {config.max_steps_per_epoch}")
     if config.recipe not in ("paper", "finetune"):
         raise ConfigError("--recipe", f"must be paper or finetune, got {config.recipe!r}")
+    if not 0.0 <= config.ema < 1.0:
+        raise ConfigError("--ema", f"must be in [0, 1) (0 disables), got {config.ema}")
 
 
 @dataclass
@@ -85,6 +87,9 @@ class ClassifierTrainConfig(_DictForm):
     # patients whose probabilities then enter oof.csv: optimistic); last: its final epoch
     # (no early stopping either), so the held-out probabilities choose nothing.
     select: str = "best"
+    # Per-step decay of an exponential moving average of the weights (engine.loop.WeightAverage),
+    # which each epoch then evaluates and best.pt keeps; 0 disables it.
+    ema: float = 0.0
     amp: bool = True  # CUDA only
     # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
     # faster in channels_last there (BENCHMARKS.md).
@@ -132,6 +137,7 @@ class DetectorTrainConfig(_DictForm):
     trainable_layers: int | None = None  # backbone levels that train (None: all)
     score_thresh: float = 0.05  # lowest raw detection score kept (post-processing tunes the real one)
     detections_per_img: int = 8
+    ema: float = 0.0  # as ClassifierTrainConfig.ema
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     device: str = "auto"

@@ -358,7 +358,7 @@ def _loop_settings(config: DetectorTrainConfig, device: torch.device) -> LoopSet
         weight_decay=config.weight_decay, grad_clip=config.grad_clip, patience=config.patience,
         augment=AugmentConfig(hflip_probability=0.5 if config.hflip else 0.0) if config.augment else None,
         amp=config.amp, channels_last=config.channels_last and device.type == "cuda",  # CUDA only
-        num_workers=config.num_workers, max_steps_per_epoch=config.max_steps_per_epoch,
+        num_workers=config.num_workers, max_steps_per_epoch=config.max_steps_per_epoch, ema_decay=config.ema,
     )
 
 
