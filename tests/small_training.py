@@ -22,3 +22,22 @@ def small_config(**overrides) -> ClassifierTrainConfig:
                     max_steps_per_epoch=3, seed=5, patience=10, eval_batch_size=32, device="cpu")
     settings.update(overrides)
     return ClassifierTrainConfig(**settings)
+
+
+def check_classifier_option_on_cli(cache: Path, out: Path, option: str, good: str, bad: str, key: str) -> None:
+    """`train-classifier OPTION good` records it under config.json's train[key]; `OPTION bad`
+    is a usage error (exit 2) naming the option, and creates no run folder."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lungopacity.cli import app
+
+    common = [str(cache), "--backbone", "test_resnet", "--size", "32", "--epochs", "1", "--batch-size", "8",
+              "--max-steps-per-epoch", "1", "--device", "cpu", "--folds", "1"]
+    ok = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(out / "run"), option, good])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((out / "run" / "config.json").read_text())["train"][key] == float(good)
+    refused = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(out / "bad"), option, bad])
+    assert refused.exit_code == 2 and option in refused.stderr
+    assert not (out / "bad").exists()

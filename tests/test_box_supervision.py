@@ -15,7 +15,7 @@ from lungopacity.engine.checkpoint import load_checkpoint
 from lungopacity.engine.classifier import ClassifierTrainConfig, box_coverage, box_map_loss, train_classifier
 from lungopacity.errors import ConfigError
 from lungopacity.models.classifier import create_classifier
-from small_training import small_cache, small_config
+from small_training import check_classifier_option_on_cli, small_cache, small_config
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "efficientnet_lite0"])
@@ -87,16 +87,4 @@ def test_box_supervised_training_logs_the_box_loss_and_changes_the_weights(cache
 
 
 def test_the_command_line_passes_the_weight_and_refuses_a_negative_one(cache, tmp_path):
-    from typer.testing import CliRunner
-
-    from lungopacity.cli import app
-
-    common = [str(cache), "--backbone", "test_resnet", "--size", "32", "--epochs", "1", "--batch-size", "8",
-              "--max-steps-per-epoch", "1", "--device", "cpu", "--folds", "1"]
-    ok = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "run"),
-                                  "--box-supervision", "0.5"])
-    assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["box_supervision"] == 0.5
-    bad = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "bad"),
-                                   "--box-supervision", "-1"])
-    assert bad.exit_code == 2 and "--box-supervision" in bad.stderr
+    check_classifier_option_on_cli(cache, tmp_path, "--box-supervision", "0.5", "-1", "box_supervision")

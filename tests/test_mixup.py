@@ -24,7 +24,7 @@ from lungopacity.engine.classifier import (
 )
 from lungopacity.engine.loop import StepContext
 from lungopacity.errors import ConfigError
-from small_training import small_cache, small_config
+from small_training import check_classifier_option_on_cli, small_cache, small_config
 
 
 def test_each_image_is_blended_with_another_of_the_batch():
@@ -105,14 +105,4 @@ def test_mixup_training_records_the_option_and_changes_the_weights(cache, tmp_pa
 
 
 def test_the_command_line_passes_alpha_and_refuses_a_negative_one(cache, tmp_path):
-    from typer.testing import CliRunner
-
-    from lungopacity.cli import app
-
-    common = [str(cache), "--backbone", "test_resnet", "--size", "32", "--epochs", "1", "--batch-size", "8",
-              "--max-steps-per-epoch", "1", "--device", "cpu", "--folds", "1"]
-    ok = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "run"), "--mixup", "0.2"])
-    assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["mixup"] == 0.2
-    bad = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "bad"), "--mixup", "-1"])
-    assert bad.exit_code == 2 and "--mixup" in bad.stderr
+    check_classifier_option_on_cli(cache, tmp_path, "--mixup", "0.2", "-1", "mixup")

@@ -25,7 +25,7 @@ from lungopacity.engine.runs import LOGIT_COLUMNS
 from lungopacity.errors import ConfigError
 from lungopacity.models.classifier import classifier_from_config
 from lungopacity.synthetic import write_demo_dataset
-from small_training import small_cache, small_config
+from small_training import check_classifier_option_on_cli, small_cache, small_config
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,6 @@ def test_a_decay_outside_0_1_names_the_option(config):
 
 
 def test_the_command_line_passes_the_decay_and_refuses_one_of_1(cache, tmp_path):
-    common = [str(cache), "--backbone", "test_resnet", "--size", "32", "--epochs", "1", "--batch-size", "8",
-              "--max-steps-per-epoch", "1", "--device", "cpu", "--folds", "1"]
-    ok = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "run"), "--ema", "0.99"])
-    assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["ema"] == 0.99
-    bad = CliRunner().invoke(app, ["train-classifier", *common, "--out", str(tmp_path / "bad"), "--ema", "1"])
-    assert bad.exit_code == 2 and "--ema" in bad.stderr
-    assert not (tmp_path / "bad").exists()
+    check_classifier_option_on_cli(cache, tmp_path, "--ema", "0.99", "1", "ema")
     bad = CliRunner().invoke(app, ["train-detector", str(cache), "--out", str(tmp_path / "det"), "--ema", "-0.1"])
     assert bad.exit_code == 2 and "--ema" in bad.stderr
