@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lungopacity.data.cache import DONE, PreparedCache, prepare_cache, prepare_one
 from lungopacity.io import DataFormatError
@@ -58,6 +59,23 @@ def test_prepare_writes_every_image_and_maps_boxes(demo_dir: Path, tmp_path: Pat
     assert set(cache.table["split"]) == {"train", "val"}
     again = prepare_cache(demo_dir, tmp_path / "cache", size=64, workers=2)
     assert (again.n_prepared, again.n_skipped) == (0, 40)
+
+
+def test_a_dataset_sample_owns_its_pixels(demo_dir: Path, tmp_path: Path) -> None:
+    # Regression: samples shared the read-only memmap (PyTorch warned of a non-writable array),
+    # so an in-place transform would have written into, or faulted on, the prepared images.
+    from lungopacity.data.datasets import CacheDataset
+
+    prepare_cache(demo_dir, tmp_path / "cache", size=32, workers=1)
+    cache = PreparedCache(tmp_path / "cache")
+    dataset = CacheDataset(cache, cache.indices())
+    before = np.array(cache.images[dataset.rows[0]])
+    for sample in (dataset[0], dataset.__getitems__([0, 1])[0]):
+        image = sample["image"]
+        assert image.dtype == torch.uint8 and image.shape == (1, 32, 32)
+        np.testing.assert_array_equal(image[0].numpy(), before)
+        pixels = image.numpy()
+        assert pixels.flags.writeable and not np.shares_memory(pixels, cache.images)
 
 
 def test_prepare_reports_a_corrupt_file_and_goes_on(demo_dir: Path, tmp_path: Path) -> None:

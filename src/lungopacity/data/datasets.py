@@ -38,8 +38,10 @@ class CacheDataset(Dataset):
 
     def _sample(self, i: int, image: np.ndarray) -> dict[str, Any]:
         position = int(self.positions[i])
+        # A copy: the cache's memmap is read-only, and a tensor sharing it would let an in-place
+        # transform write into (or fault on) the prepared images.
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
+            "image": torch.from_numpy(np.array(image, copy=True))[None],
             "label": int(self.labels[i]),
             "target": int(self.targets[i]),
             "boxes": torch.from_numpy(self.cache.boxes_prepared(position).astype(np.float32)),
