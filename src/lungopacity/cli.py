@@ -130,7 +130,7 @@ def _ema_option() -> Any:
     return typer.Option(
         0.0, "--ema", min=0.0, max=0.999999,
         help="Per-step decay of an exponential moving average of the weights, which each epoch evaluates "
-        "and the checkpoints keep (e.g. 0.999; 0 disables; BENCHMARKS.md).",
+        "and the checkpoints keep (e.g. 0.99; 0 disables; it did not pay on the shared images, BENCHMARKS.md).",
     )
 
 
