@@ -450,7 +450,7 @@ def train_detector_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling and augmentation."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Box-aware scale/shift/rotation + intensity."),
-    hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (boxes move along)."),
+    hflip: bool = typer.Option(False, "--hflip", help="Also flip horizontally (boxes move along; it lowered the metric on the shared images, BENCHMARKS.md)."),
     patience: int = typer.Option(5, "--patience", min=1, help="Early stopping: epochs without a better validation metric."),
     ema: float = _ema_option(),
     device: str = _device_option(),
