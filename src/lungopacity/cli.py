@@ -126,6 +126,12 @@ def _device_option() -> Any:
     return typer.Option("auto", "--device", callback=_check_device, help=DEVICE_HELP)
 
 
+def _check_positive(value: float) -> float:
+    if not value > 0:  # also refuses nan
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
 def _ema_option() -> Any:
     return typer.Option(
         0.0, "--ema", min=0.0, max=0.999999,
@@ -355,6 +361,11 @@ def train_classifier_command(
         "(0 disables; BENCHMARKS.md).",
     ),
     ema: float = _ema_option(),
+    backbone_lr_scale: float = typer.Option(
+        1.0, "--backbone-lr-scale", callback=_check_positive,
+        help="The backbone's learning rate as a share of the head's (e.g. 0.1; 1: one rate for all; "
+        "BENCHMARKS.md).",
+    ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -378,7 +389,8 @@ def train_classifier_command(
     config = ClassifierTrainConfig(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
         recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
-        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, ema=ema, device=device, num_workers=workers,
+        patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, ema=ema,
+        backbone_lr_scale=backbone_lr_scale, device=device, num_workers=workers,
         max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())

@@ -288,6 +288,15 @@ class _ClassifierTask(TrainingTask):
             drop_rate=self.config.drop_rate,
         )
 
+    def trainable_parameters(self, model: torch.nn.Module) -> Any:
+        scale = self.config.backbone_lr_scale
+        if scale == 1.0:
+            return model.parameters()
+        head = {id(p) for p in model.head_parameters()}  # type: ignore[operator]
+        # The head first: the loop logs the first group's rate, which stays the recipe's.
+        return [{"params": [p for p in model.parameters() if id(p) in head], "lr_scale": 1.0},
+                {"params": [p for p in model.parameters() if id(p) not in head], "lr_scale": scale}]
+
     def sample_weights(self) -> list[float] | None:
         if self.config.balance != "sampler":
             return None

@@ -134,12 +134,21 @@ def build_optimizer(
     ``paper``: SGD, momentum 0.9, lr 0.045 (the paper's Xception recipe).
     ``finetune``: AdamW, lr 1e-3, weight decay 1e-4 — what transfer learning from
     ImageNet weights wants (see BENCHMARKS.md for the comparison that chose it).
+
+    ``parameters`` may be parameter groups; a group's ``lr_scale`` (as in timm's
+    optimiser factory) multiplies the recipe's rate for that group, and the per-step
+    schedule then scales every group alike, so the ratio holds throughout training.
     """
+    optimizer: torch.optim.Optimizer
     if recipe == "paper":
-        return torch.optim.SGD(parameters, lr=lr or 0.045, momentum=0.9, weight_decay=weight_decay if weight_decay is not None else 4e-5)
-    if recipe == "finetune":
-        return torch.optim.AdamW(parameters, lr=lr or 1e-3, weight_decay=weight_decay if weight_decay is not None else 1e-4)
-    raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        optimizer = torch.optim.SGD(parameters, lr=lr or 0.045, momentum=0.9, weight_decay=weight_decay if weight_decay is not None else 4e-5)
+    elif recipe == "finetune":
+        optimizer = torch.optim.AdamW(parameters, lr=lr or 1e-3, weight_decay=weight_decay if weight_decay is not None else 1e-4)
+    else:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def build_scheduler(

@@ -90,6 +90,9 @@ class ClassifierTrainConfig(_DictForm):
     # Per-step decay of an exponential moving average of the weights (engine.loop.WeightAverage),
     # which each epoch then evaluates and best.pt keeps; 0 disables it.
     ema: float = 0.0
+    # The backbone's learning rate as a share of the head's (the final linear layer):
+    # below 1 the pretrained features move less than the fresh head. 1: one rate for all.
+    backbone_lr_scale: float = 1.0
     amp: bool = True  # CUDA only
     # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
     # faster in channels_last there (BENCHMARKS.md).
@@ -110,6 +113,8 @@ class ClassifierTrainConfig(_DictForm):
             raise ConfigError("--box-supervision", f"must be >= 0 (0 disables), got {self.box_supervision}")
         if not self.mixup >= 0:
             raise ConfigError("--mixup", f"must be >= 0 (0 disables), got {self.mixup}")
+        if not self.backbone_lr_scale > 0:
+            raise ConfigError("--backbone-lr-scale", f"must be > 0 (1: one rate for all), got {self.backbone_lr_scale}")
 
 
 @dataclass

@@ -189,6 +189,11 @@ class OpacityClassifier(nn.Module):
         """Pool and classify features from :meth:`forward_features` (``pre_logits``: pooled features only)."""
         return self.model.forward_head(features, pre_logits=pre_logits)
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the final classifier layer (timm's ``get_classifier()``), the
+        part a new model starts fresh; everything else is the (pretrained) backbone."""
+        return list(self.model.get_classifier().parameters())
+
     @property
     def num_feature_stages(self) -> int:
         """How many feature stages (timm's ``feature_info``: one per reduction) the backbone has; 0 if unknown."""
