@@ -364,7 +364,7 @@ def train_classifier_command(
     backbone_lr_scale: float = typer.Option(
         1.0, "--backbone-lr-scale", callback=_check_positive,
         help="The backbone's learning rate as a share of the head's (e.g. 0.1; 1: one rate for all; "
-        "BENCHMARKS.md).",
+        "it did not pay on the shared images, BENCHMARKS.md).",
     ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
