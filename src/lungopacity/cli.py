@@ -324,7 +324,8 @@ def train_classifier_command(
     ),
     epochs: int = typer.Option(
         3, "--epochs", min=1,
-        help="Training epochs per fold (early stopping may end sooner); 3 scored best on 480 images per fold.",
+        help="Training epochs per fold (early stopping may end sooner); 3: the measured recipe for 480 images "
+        "per fold (BENCHMARKS.md).",
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per training step (per process under DDP)."),
     recipe: Recipe = typer.Option(
@@ -366,6 +367,15 @@ def train_classifier_command(
         help="The backbone's learning rate as a share of the head's (e.g. 0.1; 1: one rate for all; "
         "it did not pay on the shared images, BENCHMARKS.md).",
     ),
+    drop_path: float = typer.Option(
+        0.0, "--drop-path", min=0.0, max=0.99,
+        help="Stochastic depth: drop each residual block per sample with a rate rising with depth to this "
+        "value (timm's drop_path_rate; EfficientNet yes, legacy_xception no; 0 disables; BENCHMARKS.md).",
+    ),
+    freeze_bn: bool = typer.Option(
+        False, "--freeze-bn",
+        help="Keep batch-norm statistics at the pretrained values (scale and shift still learn; BENCHMARKS.md).",
+    ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),
     max_steps: Optional[int] = typer.Option(
@@ -390,7 +400,7 @@ def train_classifier_command(
         backbone=backbone, pretrained=pretrained, size=size, epochs=epochs, batch_size=batch_size,
         recipe=recipe.value, lr=lr, folds=folds, seed=seed, balance=balance.value, augment=augment, hflip=hflip,
         patience=patience, select=select.value, grad_clip=grad_clip, box_supervision=box_supervision, mixup=mixup, ema=ema,
-        backbone_lr_scale=backbone_lr_scale, device=device, num_workers=workers,
+        backbone_lr_scale=backbone_lr_scale, drop_path=drop_path, freeze_bn=freeze_bn, device=device, num_workers=workers,
         max_steps_per_epoch=max_steps,
     )
     result = train_classifier(cache, out, config, resume=resume, progress=_TqdmProgress())

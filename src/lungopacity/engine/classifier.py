@@ -283,10 +283,17 @@ class _ClassifierTask(TrainingTask):
         self.val_labels = cache.table["class"].to_numpy()[val_positions]
 
     def build_model(self) -> torch.nn.Module:
-        return create_classifier(
-            self.config.backbone, pretrained=self.config.pretrained, num_classes=len(CLASS_NAMES), in_chans=1,
-            drop_rate=self.config.drop_rate,
-        )
+        # Only when asked: a backbone without stochastic depth then builds as before.
+        extra = {"drop_path_rate": self.config.drop_path} if self.config.drop_path > 0 else None
+        try:
+            return create_classifier(
+                self.config.backbone, pretrained=self.config.pretrained, num_classes=len(CLASS_NAMES), in_chans=1,
+                drop_rate=self.config.drop_rate, model_kwargs=extra,
+            )
+        except TypeError as exc:
+            if extra is None or "drop_path_rate" not in str(exc):
+                raise
+            raise ConfigError("--drop-path", f"backbone {self.config.backbone} has no stochastic depth") from None
 
     def trainable_parameters(self, model: torch.nn.Module) -> Any:
         scale = self.config.backbone_lr_scale
@@ -296,6 +303,13 @@ class _ClassifierTask(TrainingTask):
         # The head first: the loop logs the first group's rate, which stays the recipe's.
         return [{"params": [p for p in model.parameters() if id(p) in head], "lr_scale": 1.0},
                 {"params": [p for p in model.parameters() if id(p) not in head], "lr_scale": scale}]
+
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        model.train()
+        if self.config.freeze_bn:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def sample_weights(self) -> list[float] | None:
         if self.config.balance != "sampler":

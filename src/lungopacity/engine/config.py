@@ -93,6 +93,13 @@ class ClassifierTrainConfig(_DictForm):
     # The backbone's learning rate as a share of the head's (the final linear layer):
     # below 1 the pretrained features move less than the fresh head. 1: one rate for all.
     backbone_lr_scale: float = 1.0
+    # Stochastic depth: the share of residual blocks dropped per sample in training, rising
+    # linearly with depth to this value (timm's drop_path_rate); 0 disables it.
+    drop_path: float = 0.0
+    # Keep every batch-norm layer's running statistics at the pretrained values (the layers
+    # normalise with them in training too; their scale and shift still learn): small batches
+    # of one domain then cannot pull them away.
+    freeze_bn: bool = False
     amp: bool = True  # CUDA only
     # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
     # faster in channels_last there (BENCHMARKS.md).
@@ -115,6 +122,10 @@ class ClassifierTrainConfig(_DictForm):
             raise ConfigError("--mixup", f"must be >= 0 (0 disables), got {self.mixup}")
         if not self.backbone_lr_scale > 0:
             raise ConfigError("--backbone-lr-scale", f"must be > 0 (1: one rate for all), got {self.backbone_lr_scale}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError("--drop-path", f"must be in [0, 1) (0 disables), got {self.drop_path}")
+        if self.freeze_bn and self.pretrained == "none":
+            raise ConfigError("--freeze-bn", "needs --pretrained weights: a fresh network has no statistics to keep")
 
 
 @dataclass

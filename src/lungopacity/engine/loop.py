@@ -250,6 +250,10 @@ class TrainingTask(ABC):
     def trainable_parameters(self, model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
         return model.parameters()
 
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        """Put the (possibly wrapped) model in training mode at the start of each epoch."""
+        model.train()
+
     def ddp_options(self) -> dict[str, Any]:
         """Extra keyword arguments for DistributedDataParallel."""
         return {}
@@ -434,7 +438,7 @@ class EpochLoop:
         torch.manual_seed(seed)  # dropout of this epoch
         if self.augment:
             self.augment.generator.manual_seed(seed + 1)
-        self.train_model.train()
+        self.task.set_train_mode(self.train_model)
         loader = self._loader(epoch)
         step_context = StepContext(self.train_model, self.device, self.augment, self.amp, settings.channels_last)
         sums: dict[str, float] = {"loss": 0.0}
