@@ -374,7 +374,8 @@ def train_classifier_command(
     ),
     freeze_bn: bool = typer.Option(
         False, "--freeze-bn",
-        help="Keep batch-norm statistics at the pretrained values (scale and shift still learn; BENCHMARKS.md).",
+        help="Keep batch-norm statistics at the pretrained values (scale and shift still learn). Needs a lower "
+        "--lr than the recipe's (1e-4: 1e-3 barely learns; BENCHMARKS.md).",
     ),
     device: str = _device_option(),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (0: in the main process)."),

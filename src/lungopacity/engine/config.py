@@ -98,7 +98,8 @@ class ClassifierTrainConfig(_DictForm):
     drop_path: float = 0.0
     # Keep every batch-norm layer's running statistics at the pretrained values (the layers
     # normalise with them in training too; their scale and shift still learn): small batches
-    # of one domain then cannot pull them away.
+    # of one domain then cannot pull them away. Without batch statistics the layers feel the
+    # scale of the weights again: the recipe's rate is then too high (BENCHMARKS.md).
     freeze_bn: bool = False
     amp: bool = True  # CUDA only
     # Also on the CPU: depthwise convolutions (EfficientNet, Xception) train several times
